@@ -1,0 +1,966 @@
+#!/usr/bin/env python
+"""lckd_kit performance benchmark: work-sharing ratios, FLOP utilisation, profile, memory.
+
+    python benchmarks/run.py                 # CPU default (~10 min on 2 idle cores)
+    python benchmarks/run.py --quick         # smoke run, tiny sizes (< 1 min)
+    python benchmarks/run.py --gpu-quick     # CUDA preset, < 5 min on an H200
+    python benchmarks/run.py --big           # + the reference crop 2x4x80x160x160 on CPU (minutes per step)
+
+Every figure is a median over repeats, and every comparison is a RATIO of two variants timed in
+the same run, interleaved (A, B, B, A, ...), so that load from other processes hits both alike.
+Sections (``--sections``):
+
+train    training step (forward, Dice+BCE + 0.1 KD, backward, SGD step) of the kit -- which encodes
+         only the available modalities + one all-zero volume -- vs the reference's way (zero the
+         missing inputs, encode all four: ``model(x, mask, naive=True)``); all modalities and a
+         random-missing mix drawn with ``train.sample_subset`` (the reference distribution, one subset
+         per batch). Same loss checked in the same run. Model FLOPs (FlopCounterMode) / time =
+         achieved FLOP/s, next to the machine's fp32 matmul rate.
+eval     15-subset sliding-window evaluation of one case: ``predict_subsets`` (each window encoded
+         once, every subset decoded) vs 15 separate sliding-window passes with ``model(x, mask)``
+         (the kit's per-subset forward) and with ``naive=True`` (the reference's). Outputs compared.
+         Election (the 4 single-modality subsets) shared vs per-subset comes from the same run.
+cpu      the CPU configurations (small, small2d) at their TRAIN_CONFIGS crop/batch: step time, time
+         per training sample, FLOP/s relative to the paper config's.
+profile  torch.profiler of the small configs' step (self time by op category, top ops), the cost of
+         weight standardisation, and drop-in what-ifs timed against the stock step (GroupNorm for
+         InstanceNorm, channels-last memory format, 1 thread) with the loss checked equal.
+gpu      (CUDA only) the paper step at 2x4x80x160x160: fp32 vs bf16 autocast vs bf16+channels_last_3d
+         vs bf16+torch.compile; kit vs reference way; 15-subset evaluation of a 240x240x155 volume.
+
+Writes everything to benchmarks/results.json (``--out``), section by section.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from monai.inferers import sliding_window_inference  # noqa: E402
+
+from lckd_kit import ALL_PRESENT, SUBSETS, subset_name  # noqa: E402
+from lckd_kit.distill import KD_WEIGHT, distillation_loss, segmentation_loss  # noqa: E402
+from lckd_kit.evaluate import predict_subsets  # noqa: E402
+from lckd_kit.model import CONFIGS, build_model, parameter_count  # noqa: E402
+from lckd_kit.train import TRAIN_CONFIGS, sample_subset  # noqa: E402
+
+SINGLES = tuple(tuple(i == m for i in range(4)) for m in range(4))
+TEACHERS = (True, False, True, False)  # FLAIR + T1ce, a typical election outcome
+SEED = 2024
+
+_T0 = time.perf_counter()
+_DEADLINE = math.inf
+
+
+def past_deadline() -> bool:
+    return time.perf_counter() > _DEADLINE
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing and memory
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+class Memory:
+    """Peak memory of a block. CUDA: max_memory_allocated. CPU (Linux): the process's peak RSS
+    (VmHWM), reset before the block through /proc/self/clear_refs, so the figure belongs to the
+    block; elsewhere ru_maxrss, a high-water mark of the whole process (``exact`` False)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.exact = device.type == "cuda"
+        if device.type != "cuda":
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.exact = self._status("VmHWM") is not None
+            except OSError:
+                self.exact = False
+
+    @staticmethod
+    def _status(key):
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def current(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return self._status("VmRSS") or 0
+
+    def reset(self) -> None:
+        """Start a block: the peak restarts from the current usage (kept as ``self.base``)."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.exact:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        self.base = self.current()
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        if self.exact:
+            return self._status("VmHWM")
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r if sys.platform == "darwin" else r * 1024
+
+    @property
+    def kind(self) -> str:
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated"
+        return "peak RSS (VmHWM, reset per block)" if self.exact else "ru_maxrss (process high-water mark)"
+
+
+def run_interleaved(variants: dict, repeats: int, device, mem: Memory, deadline_ok=True) -> dict:
+    """Time each variant ``repeats`` times, rotating the order every round (A B C, B C A, ...).
+    Returns {name: {"times": [...], "outs": [...], "peak": max bytes, "grow": max bytes above the
+    usage at the start of the call}}. Stops after the round in progress when the global deadline
+    passes (at least one round is always run)."""
+    names = list(variants)
+    res = {n: {"times": [], "outs": [], "peak": 0, "grow": 0} for n in names}
+    for r in range(repeats):
+        k = r % len(names)
+        order = names[k:] + names[:k]
+        if r % 2 == 1:
+            order = order[::-1]
+        for n in order:
+            mem.reset()
+            t, out = timed(variants[n], device)
+            res[n]["times"].append(t)
+            res[n]["outs"].append(out)
+            peak = mem.peak() or 0
+            res[n]["peak"] = max(res[n]["peak"], peak)
+            res[n]["grow"] = max(res[n]["grow"], peak - mem.base)
+        if deadline_ok and past_deadline() and r + 1 < repeats:
+            log(f"  deadline: stopping after {r + 1} repeats")
+            break
+    return res
+
+
+def count_flops(fn) -> tuple[int, object]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fc = FlopCounterMode(display=False)
+    with fc:
+        out = fn()
+    return fc.get_total_flops(), out
+
+
+def matmul_rate(device, n: int, repeats: int = 5, dtype=torch.float32) -> float:
+    """Measured dense matmul rate (FLOP/s) of an n x n @ n x n product, median of ``repeats``."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    ts = [timed(lambda: a @ b, device)[0] for _ in range(repeats)]
+    return 2 * n**3 / statistics.median(ts)
+
+
+# ---------------------------------------------------------------------------------------------
+# the training step
+
+
+def make_step(model, x, y, subset, device, naive=False, opt=None, amp=False):
+    """One training step as ``train.train`` runs it; returns the loss (float)."""
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits, feats = model(x, subset, naive=naive)
+        seg = segmentation_loss(logits.float(), y)[0]
+        loss = seg + KD_WEIGHT * distillation_loss(feats.float(), subset, TEACHERS)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+        else:
+            model.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def make_optimizer(model, sgd: bool):
+    # lr = 0: the optimiser's arithmetic runs (momentum, weight decay, update), the weights stay put,
+    # so every variant sees the same model and the losses stay comparable across repeats
+    if not sgd:
+        return None
+    return torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4, nesterov=True)
+
+
+def train_inputs(spatial_dims, batch, spatial, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, *spatial, generator=g)
+    y = (torch.rand(batch, 3, *spatial, generator=g) > 0.9).float()
+    return x.to(device), y.to(device)
+
+
+def loss_close(a, b, device) -> bool:
+    tol = 1e-3 if device.type == "cuda" else 1e-4  # CUDA convs default to TF32
+    return abs(a - b) <= tol * max(1.0, abs(a))
+
+
+def mix_draws(n_weight_draws: int = 30_000):
+    """The missing-modality mix of the reference (``train.sample_subset``): the first subset of each
+    size k in the sample_subset stream, and P(k) measured over ``n_weight_draws`` draws. The step's
+    cost depends only on k (all modalities go through the same encoder), so sum_k P(k) t_k is the
+    expected step time under the reference distribution -- with one timed subset per k instead of
+    many random draws."""
+    rng = np.random.default_rng(SEED)
+    first: dict[int, tuple] = {}
+    while len(first) < 3:
+        s = sample_subset(rng)
+        first.setdefault(sum(s), s)
+    rng = np.random.default_rng(SEED + 1)
+    ks = [sum(sample_subset(rng)) for _ in range(n_weight_draws)]
+    weights = {k: ks.count(k) / len(ks) for k in sorted(first)}
+    return [first[k] for k in sorted(first)], weights
+
+
+def bench_train(cfg: str, batch: int, spatial, device, repeats: int, mem: Memory,
+                sgd: bool = True, naive: bool = True, label: str | None = None) -> dict:
+    """Kit step vs reference-way step for all modalities and the sample_subset mix."""
+    label = label or cfg
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device).train()
+    opt = make_optimizer(model, sgd)
+    x, y = train_inputs(CONFIGS[cfg].spatial_dims, batch, spatial, device)
+    draws, weights = mix_draws()
+    shape = f"{batch}x4x" + "x".join(map(str, spatial))
+    log(f"train {label}: {shape}, mix subsets {[subset_name(d) for d in draws]}, P(k) {weights}")
+    rows, flops_seen = [], {}
+    for case, subset in [("all", ALL_PRESENT)] + [(f"k={sum(d)}", d) for d in draws]:
+        variants = {"kit": make_step(model, x, y, subset, device, opt=opt)}
+        if naive:
+            variants["ref"] = make_step(model, x, y, subset, device, naive=True, opt=opt)
+        k = sum(subset)
+        flops = {}
+        for v, fn in variants.items():
+            # first call per (variant, encoded shape): warm-up + FLOP count. The reference way always
+            # encodes 4 volumes per sample whatever the subset (FlopCounterMode counts convs and
+            # matmuls, so the subset-dependent KD pairs do not enter), so it is counted once.
+            key = (v, k if v == "kit" else 4)
+            if key not in flops_seen:
+                flops_seen[key] = count_flops(fn)[0]
+            flops[v] = flops_seen[key]
+        reps = repeats if case == "all" else max(1, repeats - 1)
+        res = run_interleaved(variants, reps, device, mem)
+        row = dict(config=label, input=shape, case=case, subset=subset_name(subset), available=k,
+                   weight=weights.get(k) if case != "all" else None)
+        for v in variants:
+            row[f"{v}_s"] = med(res[v]["times"])
+            row[f"{v}_times"] = res[v]["times"]
+            row[f"{v}_loss"] = res[v]["outs"][0]
+            row[f"{v}_flops"] = flops[v]
+            row[f"{v}_peak_bytes"] = res[v]["peak"]
+            row[f"{v}_step_mem_bytes"] = res[v]["grow"]
+        if naive:
+            row["speedup"] = row["ref_s"] / row["kit_s"]
+            row["flop_ratio"] = flops["ref"] / flops["kit"]
+            row["loss_equal"] = all(loss_close(a, b, device) for a, b in zip(res["kit"]["outs"], res["ref"]["outs"]))
+            row["loss_absdiff"] = max(abs(a - b) for a, b in zip(res["kit"]["outs"], res["ref"]["outs"]))
+        rows.append(row)
+        log(f"  {case:<5} {row['subset']:<20} kit {row['kit_s']:.3f}s" + (
+            f"  ref {row['ref_s']:.3f}s  speedup {row['speedup']:.2f}x  loss equal {row['loss_equal']}"
+            if naive else ""))
+        if past_deadline():
+            log("  deadline: skipping the remaining subsets")
+            break
+    mix = [r for r in rows if r["case"] != "all"]
+    summary = dict(config=label, input=shape, all=rows[0], mix_weights=weights, rows=rows,
+                   mix_complete=len(mix) == len(draws))
+    if mix:
+        wsum = sum(r["weight"] for r in mix)
+        wavg = lambda key: sum(r["weight"] * r[key] for r in mix) / wsum  # noqa: E731
+        summary["mix_kit_s"] = wavg("kit_s")
+        summary["mix_kit_flops"] = wavg("kit_flops")
+        if naive:
+            summary["mix_ref_s"] = wavg("ref_s")
+            summary["mix_ref_flops"] = wavg("ref_flops")
+            summary["mix_speedup"] = summary["mix_ref_s"] / summary["mix_kit_s"]
+            summary["mix_flop_ratio"] = summary["mix_ref_flops"] / summary["mix_kit_flops"]
+            summary["mix_loss_equal"] = all(r["loss_equal"] for r in mix)
+    a = rows[0]
+    summary["achieved_flops_per_s"] = a["kit_flops"] / a["kit_s"]
+    summary["per_sample_s"] = a["kit_s"] / batch
+    summary["params"] = parameter_count(model)
+    del model, opt
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# sliding-window evaluation: shared encoding vs per-subset passes
+
+
+def bench_eval(cfg: str, image: torch.Tensor, roi, device, repeats: int, mem: Memory, amp=False,
+               label: str | None = None, per_subset_kit=True) -> dict:
+    label = label or cfg
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device).eval()
+    roi = tuple(roi)
+    use_amp = amp and device.type == "cuda"
+    calls = {"n": 0}
+
+    def per_subset(naive):
+        @torch.no_grad()
+        def run():
+            outs = []
+            times = []
+            for s in SUBSETS:
+                def predictor(w, s=s):
+                    calls["n"] += 1
+                    w = w.as_tensor() if hasattr(w, "as_tensor") else w
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        logits = model(w, s, naive=naive)[0]
+                    return torch.sigmoid(logits.float())
+
+                t, o = timed(lambda: sliding_window_inference(
+                    image[None], roi, 1, predictor, overlap=1 / 3, mode="constant", sw_device=device,
+                    device=device), device)
+                o = o.as_tensor() if hasattr(o, "as_tensor") else o
+                outs.append(o[0].float().cpu())
+                times.append(t)
+            return {"probs": torch.stack(outs), "times": times}
+        return run
+
+    def shared(subsets):
+        def run():
+            return {"probs": predict_subsets(model, image, subsets, roi_size=roi, overlap=1 / 3, device=device,
+                                             amp=use_amp)}
+        return run
+
+    def keep_first(fn):  # later rounds drop the probabilities (15 x 3 volumes each) once timed
+        state = {"calls": 0}
+
+        def run():
+            out = fn()
+            state["calls"] += 1
+            if state["calls"] > 1:
+                out["probs"] = None
+            return out
+        return run
+
+    variants = {"shared15": keep_first(shared(SUBSETS)), "shared4": keep_first(shared(SINGLES))}
+    if per_subset_kit:
+        variants["kit15"] = keep_first(per_subset(False))
+    variants["ref15"] = keep_first(per_subset(True))
+
+    # FLOPs of one window per variant (also the warm-up): what predict_subsets / the passes run per window
+    w = image[None, :, :roi[0], :roi[1], :roi[2]].to(device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        model(w, SINGLES[0])  # fill the zero-response cache (once per window shape)
+
+        def enc_dec(subs):
+            enc = model.encode(w)
+            return [model.decode(enc, s) for s in subs]
+        wflops = {"shared15": count_flops(lambda: enc_dec(SUBSETS))[0],
+                  "shared4": count_flops(lambda: enc_dec(SINGLES))[0]}
+        per = {nv: [count_flops(lambda s=s: model(w, s, naive=nv))[0] for s in SUBSETS] for nv in (False, True)}
+    wflops["kit15"], wflops["ref15"] = sum(per[False]), sum(per[True])
+    wflops["kit4"], wflops["ref4"] = sum(per[False][:4]), sum(per[True][:4])
+    calls["n"] = 0
+    log(f"eval {label}: volume {tuple(image.shape[1:])}, roi {roi}")
+    res = run_interleaved(variants, repeats, device, mem)
+    n_windows = calls["n"] // (len(SUBSETS) * len(res["ref15"]["times"]) * (2 if per_subset_kit else 1))
+    ref = res["ref15"]["outs"][0]["probs"]
+    tol = 2e-2 if use_amp else 1e-4
+    out = dict(config=label, volume=list(image.shape[1:]), roi=list(roi), windows=n_windows, amp=use_amp,
+               window_flops=wflops)
+    for v in variants:
+        out[f"{v}_s"] = med(res[v]["times"])
+        out[f"{v}_times"] = res[v]["times"]
+        out[f"{v}_peak_bytes"] = res[v]["peak"]
+        out[f"{v}_call_mem_bytes"] = res[v]["grow"]
+    for v in [v for v in variants if v != "shared4"]:
+        diff = (res[v]["outs"][0]["probs"] - ref).abs().max().item()
+        out[f"{v}_maxdiff_vs_ref15"] = diff
+    out["shared4_maxdiff_vs_ref4"] = (res["shared4"]["outs"][0]["probs"] - ref[:4]).abs().max().item()
+    out["outputs_equal"] = all(out[k] <= tol for k in out if k.endswith("maxdiff_vs_ref15") or k.endswith("vs_ref4"))
+    # per-subset passes were timed one by one: the 4 singles of the same rounds give the election baseline
+    for v in [v for v in ("kit15", "ref15") if v in variants]:
+        out[f"{v[:3]}4_s"] = med([sum(r["times"][:4]) for r in res[v]["outs"]])
+    out["speedup15_vs_ref"] = out["ref15_s"] / out["shared15_s"]
+    out["flop_ratio15_vs_ref"] = wflops["ref15"] / wflops["shared15"]
+    out["speedup4_vs_ref"] = out["ref4_s"] / out["shared4_s"]
+    out["flop_ratio4_vs_ref"] = wflops["ref4"] / wflops["shared4"]
+    if per_subset_kit:
+        out["speedup15_vs_kit"] = out["kit15_s"] / out["shared15_s"]
+        out["flop_ratio15_vs_kit"] = wflops["kit15"] / wflops["shared15"]
+        out["speedup4_vs_kit"] = out["kit4_s"] / out["shared4_s"]
+        out["flop_ratio4_vs_kit"] = wflops["kit4"] / wflops["shared4"]
+    # cost structure: one encoder volume vs one decode, from the FLOP counts
+    out["encoder_flops_per_volume"] = (wflops["ref15"] - wflops["kit15"]) / (60 - 32)
+    out["decode_flops"] = (wflops["shared15"] - 4 * out["encoder_flops_per_volume"]) / 15
+    log(f"  15 subsets: shared {out['shared15_s']:.2f}s, per-subset kit {out.get('kit15_s', float('nan')):.2f}s, "
+        f"ref {out['ref15_s']:.2f}s -> {out['speedup15_vs_ref']:.2f}x vs ref (FLOPs {out['flop_ratio15_vs_ref']:.2f}x); "
+        f"election {out['speedup4_vs_ref']:.2f}x vs ref (FLOPs {out['flop_ratio4_vs_ref']:.2f}x); equal {out['outputs_equal']}")
+    del model
+    return out
+
+
+def phantom_image(grid: int = 96) -> torch.Tensor:
+    """A normalised phantom case (4, g, g, g), the kit's CPU data."""
+    from lckd_kit.data import normalize_image
+    from lckd_kit.phantom import make_case
+
+    case = make_case(0, grid=grid)
+    return torch.as_tensor(normalize_image(case["image"].astype(np.float32)))
+
+
+# ---------------------------------------------------------------------------------------------
+# profile and what-ifs for the CPU configs
+
+
+def _group_norm_forward(self, x):
+    # InstanceNorm == GroupNorm with one channel per group (biased variance, same eps, same affine)
+    return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
+
+
+def use_group_norm(model):
+    for m in model.modules():
+        if isinstance(m, (nn.InstanceNorm2d, nn.InstanceNorm3d)):
+            m.forward = types.MethodType(_group_norm_forward, m)
+    return model
+
+
+def _category(name: str) -> str:
+    n = name.lower()
+    if "conv" in n and "backward" in n:
+        return "conv backward"
+    if "conv" in n:
+        return "conv forward"
+    if "norm" in n:
+        return "instance norm (fwd+bwd)"
+    if "pool" in n:
+        return "max pool (fwd+bwd)"
+    if "upsample" in n:
+        return "upsample (fwd+bwd)"
+    if any(k in n for k in ("copy_", "::cat", "index_select", "clone", "contiguous", "_to_copy", "index_add",
+                            "stack", "as_strided_scatter")):
+        return "copies / cat / gather"
+    if any(k in n for k in ("fill_", "zero_", "::zeros", "::empty", "new_zeros")):
+        return "fills / allocation"
+    if "leaky_relu" in n or "sigmoid" in n:
+        return "activations"
+    if any(k in n for k in ("add", "mul", "sub", "div", "where", "sum", "mean", "var", "sqrt", "neg", "abs",
+                            "rsqrt", "pow", "clamp", "log", "exp", "sgn", "sign", "lerp", "foreach")):
+        return "elementwise / reductions"
+    return "other"
+
+
+def profile_step(step, device) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as p:
+        step()
+    evs = [e for e in p.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in evs)
+    cats: dict[str, float] = {}
+    for e in evs:
+        c = _category(e.key)
+        cats[c] = cats.get(c, 0.0) + e.self_cpu_time_total
+    top = sorted(evs, key=lambda e: -e.self_cpu_time_total)[:12]
+    return dict(total_self_s=total / 1e6,
+                categories={c: v / total for c, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+                top_ops=[dict(op=e.key, calls=e.count, self_s=e.self_cpu_time_total / 1e6,
+                              share=e.self_cpu_time_total / total) for e in top])
+
+
+def flop_breakdown(forward, depth: int = 2) -> dict:
+    """Share of the FORWARD FLOPs per module, ``depth`` levels below the model (forward only: the
+    module tracker attributes backward FLOPs to neighbouring modules)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fc = FlopCounterMode(display=False)
+    with fc:
+        forward()
+    total = fc.get_total_flops()
+    out: dict[str, int] = {}
+    for name, ops in fc.get_flop_counts().items():
+        parts = name.split(".")
+        if len(parts) != depth + 1 or name == "Global":  # leaves at this depth only (no double counting)
+            continue
+        out[".".join(parts[1:])] = sum(ops.values())
+    return {k: v / total for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def weight_std_cost(model, device, repeats=5) -> float:
+    """Seconds per step spent standardising every WS conv's weight (forward + backward)."""
+    from lckd_kit.model import _WeightStd
+
+    mods = [m for m in model.modules() if isinstance(m, _WeightStd)]
+
+    def ws():
+        total = 0
+        for m in mods:
+            w = m.weight.flatten(1)
+            w = w - w.mean(1, keepdim=True)
+            w = w / torch.sqrt(w.var(1, keepdim=True) + 1e-12)
+            total = total + w.sum()
+        total.backward()
+        model.zero_grad(set_to_none=True)
+
+    ws()
+    return med([timed(ws, device)[0] for _ in range(repeats)])
+
+
+def bench_profile(cfg: str, batch: int, spatial, device, repeats: int, mem: Memory, threads: int) -> dict:
+    """Profile the stock kit step of a CPU config, then time drop-in variants against it."""
+    torch.manual_seed(0)
+    base = build_model(cfg).to(device).train()
+    x, y = train_inputs(CONFIGS[cfg].spatial_dims, batch, spatial, device)
+    cl = torch.channels_last_3d if CONFIGS[cfg].spatial_dims == 3 else torch.channels_last
+    shape = f"{batch}x4x" + "x".join(map(str, spatial))
+    log(f"profile {cfg}: {shape}")
+    models = {"stock": base, "group_norm": use_group_norm(copy.deepcopy(base)),
+              "channels_last": copy.deepcopy(base).to(memory_format=cl)}
+    models["group_norm+channels_last"] = use_group_norm(copy.deepcopy(base).to(memory_format=cl))
+    xcl = x.contiguous(memory_format=cl)
+    variants = {n: make_step(m, xcl if "channels_last" in n else x, y, ALL_PRESENT, device, opt=make_optimizer(m, True))
+                for n, m in models.items()}
+    stock = variants["stock"]
+    if device.type == "cpu" and threads > 1:
+        def one_thread():
+            torch.set_num_threads(1)
+            try:
+                return stock()
+            finally:
+                torch.set_num_threads(threads)
+        variants["1 thread"] = one_thread
+    for fn in variants.values():
+        fn()  # warm-up
+    prof = profile_step(stock, device)
+    prof["forward_flop_share_by_module"] = flop_breakdown(lambda: base(x, ALL_PRESENT))
+    res = run_interleaved(variants, repeats, device, mem)
+    t_stock = med(res["stock"]["times"])
+    whatif = {}
+    for n in variants:
+        if n == "stock":
+            continue
+        t = med(res[n]["times"])
+        whatif[n] = dict(s=t, speedup=t_stock / t, times=res[n]["times"],
+                         loss_equal=all(loss_close(a, b, device) for a, b in zip(res[n]["outs"], res["stock"]["outs"])),
+                         loss_absdiff=max(abs(a - b) for a, b in zip(res[n]["outs"], res["stock"]["outs"])))
+    ws = weight_std_cost(base, device)
+    out = dict(config=cfg, input=shape, stock_s=t_stock, stock_times=res["stock"]["times"], profile=prof,
+               weight_std_s=ws, weight_std_share=ws / t_stock, whatif=whatif)
+    log(f"  stock {t_stock:.3f}s; " + ", ".join(f"{n} {w['speedup']:.2f}x (loss equal {w['loss_equal']})"
+                                              for n, w in whatif.items()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA variants of the paper step
+
+
+def _device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
+def without_tf32(fn):
+    """Run ``fn`` with cuDNN's TF32 convolutions off (true fp32), restoring the setting after."""
+    def run():
+        old = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            return fn()
+        finally:
+            torch.backends.cudnn.allow_tf32 = old
+    return run
+
+
+def bench_gpu_variants(batch, spatial, device, repeats, mem: Memory) -> dict:
+    """The paper step in fp32 / bf16 autocast / bf16 + channels_last_3d, kit vs reference way.
+    Meant for CUDA; runs anywhere (bf16 autocast also exists on CPU) so the code path can be checked."""
+    torch.manual_seed(0)
+    base = build_model("paper").to(device).train()
+    x, y = train_inputs(3, batch, spatial, device)
+    shape = f"{batch}x4x" + "x".join(map(str, spatial))
+    mix = mix_draws(1000)[0][1]  # the first 2-modality subset of the sample_subset stream
+    log(f"precision/layout variants, paper step {shape} on {_device_name(device)}; missing-modality subset "
+        f"{subset_name(mix)}")
+    cl_model = copy.deepcopy(base).to(memory_format=torch.channels_last_3d)
+    x_cl = x.contiguous(memory_format=torch.channels_last_3d)
+    tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    fp32 = "fp32/TF32-conv" if tf32 else "fp32"
+    variants = {
+        f"{fp32} kit": make_step(base, x, y, ALL_PRESENT, device, opt=make_optimizer(base, True)),
+        f"{fp32} ref-way": make_step(base, x, y, ALL_PRESENT, device, naive=True, opt=make_optimizer(base, True)),
+    }
+    if tf32:
+        variants["fp32 (no TF32) kit"] = without_tf32(make_step(base, x, y, ALL_PRESENT, device,
+                                                               opt=make_optimizer(base, True)))
+    variants.update({
+        "bf16 kit": make_step(base, x, y, ALL_PRESENT, device, amp=True, opt=make_optimizer(base, True)),
+        "bf16+CL kit": make_step(cl_model, x_cl, y, ALL_PRESENT, device, amp=True, opt=make_optimizer(cl_model, True)),
+        f"bf16 kit {subset_name(mix)}": make_step(base, x, y, mix, device, amp=True, opt=make_optimizer(base, True)),
+        f"bf16 ref-way {subset_name(mix)}": make_step(base, x, y, mix, device, naive=True, amp=True,
+                                                     opt=make_optimizer(base, True)),
+    })
+    flops = {}
+    for n, fn in variants.items():
+        flops[n] = count_flops(fn)[0]  # warm-up (cudnn autotuning) + FLOPs
+        fn()
+    res = run_interleaved(variants, repeats, device, mem)
+    first = next(iter(variants))
+    ref = med(res[first]["times"])
+    rows = {}
+    for n in variants:
+        t = med(res[n]["times"])
+        rows[n] = dict(s=t, vs_first=ref / t, tflops_per_s=flops[n] / t / 1e12, flops=flops[n],
+                       peak_bytes=res[n]["peak"], step_mem_bytes=res[n]["grow"], loss=res[n]["outs"][0])
+        log(f"  {n:<28} {t * 1e3:9.1f} ms  {ref / t:5.2f}x vs {first}  {flops[n] / t / 1e12:7.2f} TFLOP/s  "
+            f"peak {res[n]['peak'] / 2**30:5.1f} GiB  loss {res[n]['outs'][0]:.4f}")
+    return dict(input=shape, mix_subset=subset_name(mix), baseline=first, rows=rows,
+                loss_equal_fp32=loss_close(rows[f"{fp32} kit"]["loss"], rows[f"{fp32} ref-way"]["loss"], device))
+
+
+def bench_compile(batch, spatial, device, repeats, mem: Memory) -> dict:
+    """bf16 kit step eager vs torch.compile (default mode); the first compiled call is timed apart."""
+    torch.manual_seed(0)
+    base = build_model("paper").to(device).train()
+    x, y = train_inputs(3, batch, spatial, device)
+    shape = f"{batch}x4x" + "x".join(map(str, spatial))
+    log(f"torch.compile, paper step {shape} on {_device_name(device)}")
+    eager = make_step(base, x, y, ALL_PRESENT, device, amp=True, opt=make_optimizer(base, True))
+    out = dict(input=shape)
+    try:
+        cmodel = torch.compile(copy.deepcopy(base))
+        cstep = make_step(cmodel, x, y, ALL_PRESENT, device, amp=True, opt=make_optimizer(cmodel, True))
+        out["first_call_s"], _ = timed(cstep, device)  # compiles forward + backward
+        cstep()
+    except Exception as e:  # report it, keep the other figures
+        log(f"  torch.compile failed: {type(e).__name__}: {e}")
+        out["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        return out
+    eager()
+    res = run_interleaved({"bf16 eager": eager, "bf16 compiled": cstep}, repeats, device, mem)
+    out.update({f"{n}_s": med(r["times"]) for n, r in res.items()})
+    out.update({f"{n}_peak_bytes": r["peak"] for n, r in res.items()})
+    out["speedup"] = out["bf16 eager_s"] / out["bf16 compiled_s"]
+    out["loss_absdiff"] = abs(res["bf16 eager"]["outs"][0] - res["bf16 compiled"]["outs"][0])
+    log(f"  first call {out['first_call_s']:.1f}s; eager {out['bf16 eager_s'] * 1e3:.1f} ms, compiled "
+        f"{out['bf16 compiled_s'] * 1e3:.1f} ms -> {out['speedup']:.2f}x")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# printing
+
+
+def fmt_bytes(b):
+    return "-" if not b else f"{b / 2**30:.2f} GiB"
+
+
+def print_table(title, header, rows):
+    print(f"\n{title}")
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)] if rows else \
+        [len(h) for h in header]
+    print("  ".join(str(h).rjust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
+
+
+def report(results: dict) -> None:
+    meta = results["meta"]
+    print("\n" + "=" * 100)
+    print(f"lckd_kit benchmark -- torch {meta['torch']}, {meta['device_name']}, {meta['threads']} threads, "
+          f"repeats {meta['repeats']}")
+    mm = results.get("matmul_flops_per_s")
+    if mm:
+        print(f"fp32 matmul {meta['matmul_n']}^2: {mm / 1e9:.1f} GFLOP/s (median of {len(results['matmul_samples'])} "
+              f"samples taken through the run)")
+    if results.get("train"):
+        rows = []
+        for s in results["train"]:
+            a = s["all"]
+            rows.append([s["config"], s["input"], "all 4", f"{a['kit_s']:.3f}", f"{a.get('ref_s', 0):.3f}",
+                         f"{a.get('speedup', 0):.2f}x", f"{a.get('flop_ratio', 0):.2f}x", str(a.get("loss_equal")),
+                         fmt_bytes(a["kit_peak_bytes"]), fmt_bytes(a.get("ref_peak_bytes"))])
+            if s.get("mix_kit_s") is not None:
+                rows.append([s["config"], s["input"], "mix k=1,2,3" + ("" if s["mix_complete"] else " (partial)"), f"{s['mix_kit_s']:.3f}",
+                             f"{s.get('mix_ref_s', 0):.3f}", f"{s.get('mix_speedup', 0):.2f}x",
+                             f"{s.get('mix_flop_ratio', 0):.2f}x", str(s.get("mix_loss_equal")),
+                             fmt_bytes(max(r["kit_peak_bytes"] for r in s["rows"][1:])),
+                             fmt_bytes(max(r.get("ref_peak_bytes", 0) for r in s["rows"][1:]))])
+        print_table("1. training step (fwd + loss + bwd + SGD), kit vs reference way (encode all 4), seconds",
+                    ["config", "input", "subsets", "kit s", "ref s", "speedup", "FLOP ratio", "same loss",
+                     "kit peak", "ref peak"], rows)
+    if results.get("eval"):
+        rows = []
+        for e in results["eval"]:
+            rows.append([e["config"], "x".join(map(str, e["volume"])), e["windows"], "15 subsets",
+                         f"{e['shared15_s']:.2f}", f"{e.get('kit15_s', float('nan')):.2f}", f"{e['ref15_s']:.2f}",
+                         f"{e.get('speedup15_vs_kit', float('nan')):.2f}x", f"{e['speedup15_vs_ref']:.2f}x",
+                         f"{e['flop_ratio15_vs_ref']:.2f}x", str(e["outputs_equal"])])
+            rows.append([e["config"], "x".join(map(str, e["volume"])), e["windows"], "election (4)",
+                         f"{e['shared4_s']:.2f}", f"{e.get('kit4_s', float('nan')):.2f}", f"{e['ref4_s']:.2f}",
+                         f"{e.get('speedup4_vs_kit', float('nan')):.2f}x", f"{e['speedup4_vs_ref']:.2f}x",
+                         f"{e['flop_ratio4_vs_ref']:.2f}x", str(e["outputs_equal"])])
+        print_table("2-3. sliding-window evaluation of one case: shared encoding vs per-subset passes, seconds",
+                    ["config", "volume", "windows", "task", "shared s", "per-subset kit s", "per-subset ref s",
+                     "vs kit", "vs ref", "FLOP ratio vs ref", "equal"], rows)
+        for e in results["eval"]:
+            print(f"   {e['config']}: per window, one encoder volume {e['encoder_flops_per_volume'] / 1e9:.2f} GFLOP, "
+                  f"one decode {e['decode_flops'] / 1e9:.2f} GFLOP; peak shared15 {fmt_bytes(e['shared15_peak_bytes'])},"
+                  f" ref15 {fmt_bytes(e['ref15_peak_bytes'])}")
+    if results.get("cpu"):
+        rows = []
+        paper = results.get("paper_achieved_flops_per_s")
+        for s in results["cpu"]:
+            a = s["all"]
+            ach = s["achieved_flops_per_s"]
+            rows.append([s["config"], s["input"], f"{a['kit_s']:.3f}", f"{s['per_sample_s']:.3f}",
+                         f"{s.get('mix_kit_s', float('nan')):.3f}", f"{a['kit_flops'] / 1e9:.1f}", f"{ach / 1e9:.2f}",
+                         f"{ach / mm:.1%}" if mm else "-", f"{ach / paper:.1%}" if paper else "-",
+                         fmt_bytes(a["kit_peak_bytes"])])
+        if paper:
+            rows.append(["paper", results["train"][0]["input"], f"{results['train'][0]['all']['kit_s']:.3f}",
+                         f"{results['train'][0]['per_sample_s']:.3f}", f"{results['train'][0].get('mix_kit_s', 0):.3f}",
+                         f"{results['train'][0]['all']['kit_flops'] / 1e9:.1f}", f"{paper / 1e9:.2f}",
+                         f"{paper / mm:.1%}" if mm else "-", "100%", fmt_bytes(results["train"][0]["all"]["kit_peak_bytes"])])
+        print_table("4-5. CPU configurations at their training crop/batch (kit step incl. SGD)",
+                    ["config", "input", "step s (all 4)", "s / sample", "step s (mix)", "GFLOP/step", "GFLOP/s",
+                     "of matmul", "of paper GFLOP/s", "peak"], rows)
+    if results.get("profile"):
+        for p in results["profile"]:
+            print(f"\nprofile {p['config']} {p['input']}: stock step {p['stock_s']:.3f}s, weight standardisation "
+                  f"{p['weight_std_s'] * 1e3:.1f} ms/step ({p['weight_std_share']:.1%})")
+            print("   self time by category: " + ", ".join(f"{c} {v:.0%}" for c, v in p["profile"]["categories"].items()))
+            print("   top ops: " + ", ".join(f"{o['op']} {o['share']:.0%}" for o in p["profile"]["top_ops"][:8]))
+            print("   forward FLOPs by module: " + ", ".join(
+                f"{n} {v:.0%}" for n, v in list(p["profile"]["forward_flop_share_by_module"].items())[:6]))
+            print("   what-ifs (speedup vs stock, same run): " + ", ".join(
+                f"{n} {w['speedup']:.2f}x{'' if w['loss_equal'] else ' (LOSS DIFFERS)'}" for n, w in p["whatif"].items()))
+    if results.get("gpu"):
+        g = results["gpu"]
+        rows = [[n, f"{r['s'] * 1e3:.1f}", f"{r['vs_first']:.2f}x", f"{r['tflops_per_s']:.2f}", fmt_bytes(r["peak_bytes"]),
+                 f"{r['loss']:.4f}"] for n, r in g["rows"].items()]
+        print_table(f"precision / layout variants of the paper step {g['input']} ({meta['device_name']})",
+                    ["variant", "ms/step", f"vs {g['baseline']}", "TFLOP/s", "peak", "loss"], rows)
+        if results.get("gpu_matmul"):
+            print("   matmul rates: " + ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in results["gpu_matmul"].items()))
+    if results.get("compile"):
+        c = results["compile"]
+        if "error" in c:
+            print(f"\ntorch.compile: FAILED {c['error']}")
+        else:
+            print(f"\ntorch.compile, paper step {c['input']} bf16: first call {c['first_call_s']:.1f}s, eager "
+                  f"{c['bf16 eager_s'] * 1e3:.1f} ms, compiled {c['bf16 compiled_s'] * 1e3:.1f} ms -> {c['speedup']:.2f}x")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    global _DEADLINE
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, smoke run (< 1 min)")
+    p.add_argument("--gpu-quick", action="store_true", help="CUDA preset: paper step variants + 15-subset eval (< 5 min)")
+    p.add_argument("--big", action="store_true", help="also the reference crop 2x4x80x160x160 (CPU: minutes per step)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per item (default 3; GPU 10)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available with --gpu-quick, else cpu)")
+    p.add_argument("--sections", nargs="+", default=None,
+                   choices=["train", "eval", "cpu", "profile", "gpu", "compile"],
+                   help="gpu = precision/layout variants, compile = torch.compile (both CUDA by default)")
+    p.add_argument("--budget", type=float, default=None, help="seconds; sections stop repeating past it")
+    p.add_argument("--no-sgd", action="store_true", help="time fwd+bwd only (no optimiser step)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
+    args = p.parse_args(argv)
+
+    if args.device is None:
+        args.device = "cuda" if (args.gpu_quick and torch.cuda.is_available()) else "cpu"
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("CUDA requested but torch.cuda.is_available() is False")
+    if args.gpu_quick and device.type != "cuda":
+        p.error("--gpu-quick needs a CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    repeats = args.repeats or (10 if cuda else (2 if args.quick else 3))
+    budget = args.budget if args.budget is not None else (270.0 if args.gpu_quick else None)
+    if budget:
+        _DEADLINE = _T0 + budget
+    if args.sections:
+        sections = args.sections
+    elif args.gpu_quick:
+        sections = ["gpu", "train", "eval", "compile"]
+    elif cuda:
+        sections = ["train", "eval", "cpu", "gpu", "compile"]
+    else:
+        sections = ["train", "eval", "cpu", "profile"]
+    sgd = not args.no_sgd
+    mem = Memory(device)
+    dev_name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
+    if not cuda:
+        try:
+            with open("/proc/cpuinfo") as f:
+                dev_name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    results = dict(meta=dict(torch=torch.__version__, python=platform.python_version(), device=str(device),
+                             device_name=dev_name, cpu_count=os.cpu_count(), threads=threads, repeats=repeats,
+                             quick=args.quick, gpu_quick=args.gpu_quick, big=args.big, sgd=sgd,
+                             memory=mem.kind, loadavg_start=os.getloadavg() if hasattr(os, "getloadavg") else None,
+                             sections=sections, started=time.strftime("%Y-%m-%d %H:%M:%S")),
+                   matmul_samples=[])
+    if cuda:
+        results["meta"].update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                               cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                               matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32, cudnn_benchmark=True)
+    mm_n = 512 if args.quick else (8192 if cuda else 2048)
+    results["meta"]["matmul_n"] = mm_n
+    out_path = Path(args.out)
+
+    def sample_matmul():
+        results["matmul_samples"].append(matmul_rate(device, mm_n, repeats=3))
+        results["matmul_flops_per_s"] = med(results["matmul_samples"])
+
+    def save():
+        results["meta"]["elapsed_s"] = time.perf_counter() - _T0
+        results["meta"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(results, indent=1, default=str))
+
+    log(f"torch {torch.__version__}, device {device} ({dev_name}), {threads} threads, repeats {repeats}, "
+        f"sections {sections}, memory: {mem.kind}")
+    sample_matmul()
+    log(f"fp32 matmul {mm_n}^2: {results['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s")
+    if cuda:
+        results["gpu_matmul"] = {"fp32": results["matmul_flops_per_s"]}
+        torch.backends.cuda.matmul.allow_tf32 = True
+        results["gpu_matmul"]["tf32"] = matmul_rate(device, mm_n)
+        torch.backends.cuda.matmul.allow_tf32 = results["meta"]["matmul_allow_tf32"]
+        results["gpu_matmul"]["bf16"] = matmul_rate(device, mm_n, dtype=torch.bfloat16)
+
+    try:
+        big_spatial = (64, 64, 32) if args.quick else (160, 160, 80)
+        if "gpu" in sections:
+            results["gpu"] = bench_gpu_variants(2 if cuda else 1, big_spatial if cuda else (64, 64, 32), device,
+                                                repeats, mem)
+            save()
+        if "train" in sections:
+            results["train"] = []
+            if args.quick:  # the small config stands in for the paper one
+                jobs = [("small", 1, (32, 32, 32), "small (quick)")]
+            elif args.gpu_quick:
+                jobs = [("paper", 2, (160, 160, 80), None)]
+            else:
+                jobs = [("paper", 1, (96, 96, 48), None)]
+                if args.big or cuda:
+                    jobs.append(("paper", 2, (160, 160, 80), None))
+            for cfg, b, s, label in jobs:
+                if past_deadline():
+                    break
+                results["train"].append(bench_train(cfg, b, s, device, repeats, mem, sgd=sgd, label=label))
+                sample_matmul()
+                save()
+            if results["train"] and results["train"][0]["config"] == "paper":
+                results["paper_achieved_flops_per_s"] = results["train"][0]["achieved_flops_per_s"]
+        if "eval" in sections and not past_deadline():
+            results["eval"] = []
+            if args.quick:
+                g = torch.Generator().manual_seed(0)
+                jobs = [("small", torch.randn(4, 48, 32, 32, generator=g), (32, 32, 32), 1, "small (quick)")]
+            elif args.gpu_quick:
+                g = torch.Generator().manual_seed(0)
+                jobs = [("paper", torch.randn(4, 240, 240, 155, generator=g), (160, 160, 80), 1, "paper bf16")]
+            else:
+                img = phantom_image(96)
+                jobs = [("small", img, (64, 64, 64), max(1, repeats - 1), None),
+                        ("paper", img[:, :, 16:80, 32:64].contiguous(), (64, 64, 32), max(1, repeats - 1), None)]
+            for cfg, img, roi, reps, label in jobs:
+                if past_deadline():
+                    break
+                results["eval"].append(bench_eval(cfg, img, roi, device, reps, mem, amp=cuda, label=label,
+                                                  per_subset_kit=not args.gpu_quick))
+                sample_matmul()
+                save()
+        if "cpu" in sections and not past_deadline():
+            results["cpu"] = []
+            for cfg in ("small", "small2d"):
+                tc = TRAIN_CONFIGS[cfg]
+                spatial = tuple(tc.roi_size)
+                batch = tc.batch_size
+                if args.quick:
+                    spatial = (32,) * len(spatial)
+                    batch = max(2, batch // 4)
+                results["cpu"].append(bench_train(cfg, batch, spatial, device, repeats, mem, sgd=sgd))
+                sample_matmul()
+                save()
+        if "compile" in sections:
+            if math.isfinite(_DEADLINE) and _DEADLINE - time.perf_counter() < 90:
+                log("compile: skipped, less than 90 s of the budget left")
+                results["compile"] = dict(error="skipped: budget")
+            else:
+                results["compile"] = bench_compile(2 if cuda else 1, big_spatial if cuda else (64, 64, 32), device,
+                                                   repeats, mem)
+            save()
+        if "profile" in sections and not past_deadline():
+            results["profile"] = []
+            for cfg in ("small", "small2d"):
+                tc = TRAIN_CONFIGS[cfg]
+                spatial, batch = tuple(tc.roi_size), tc.batch_size
+                if args.quick:
+                    spatial, batch = (32,) * len(spatial), max(2, batch // 4)
+                results["profile"].append(bench_profile(cfg, batch, spatial, device, repeats, mem, threads))
+                sample_matmul()
+                save()
+    finally:
+        save()
+        log(f"wrote {out_path}")
+    report(results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
