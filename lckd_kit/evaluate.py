@@ -234,6 +234,18 @@ def _as_bool_tensor(x) -> torch.Tensor:
     return (x if torch.is_tensor(x) else torch.as_tensor(np.asarray(x))).detach().cpu().bool()
 
 
+def _hd95(pred: torch.Tensor, truth: torch.Tensor, spacing: tuple[float, ...]) -> float:
+    """MONAI HD95 of two non-empty masks ``(*S)``, on their union's bounding box + 1 voxel.
+
+    MONAI crops to exactly that box itself (``get_mask_edges``: margin 1, zero padding beyond the
+    image), so cropping first gives the same number -- without handling the full volume each call.
+    """
+    idx = torch.nonzero(pred | truth)
+    box = tuple(slice(max(int(lo) - 1, 0), int(hi) + 2) for lo, hi in zip(idx.min(0).values, idx.max(0).values))
+    return float(compute_hausdorff_distance(pred[box][None, None], truth[box][None, None], include_background=True,
+                                            percentile=95, spacing=spacing)[0, 0])
+
+
 def score_regions(pred, truth, spacing=1.0, convention: str = "brats2018",
                   penalty: float | None = None, hd95: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Dice and HD95 of several predictions of one case against its truth.
@@ -269,9 +281,7 @@ def score_regions(pred, truth, spacing=1.0, convention: str = "brats2018",
         warnings.simplefilter("ignore", FutureWarning)
         for i, r in np.ndindex(*dice.shape):
             if pred_any[i, r] and truth_any[r]:
-                dist[i, r] = math.nan if not hd95 else float(compute_hausdorff_distance(
-                    pred[i, r][None, None], truth[r][None, None], include_background=True,
-                    percentile=95, spacing=spacing)[0, 0])
+                dist[i, r] = math.nan if not hd95 else _hd95(pred[i, r], truth[r], spacing)
             elif pred_any[i, r] or truth_any[r]:
                 dice[i, r], dist[i, r] = 0.0, miss
             else:

@@ -31,7 +31,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-
 from monai.transforms import Compose, Randomizable
 
 from lckd_kit import ALL_PRESENT, MODALITIES, REGIONS, as_mask, subset_name

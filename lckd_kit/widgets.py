@@ -707,8 +707,9 @@ class Explorer:
             raise ValueError(f"plane must be one of {PLANES}, got {plane!r}")
 
         names = [viz.display_name(m) for m in MODALITIES]
-        self.toggles = [_css(W.ToggleButton(value=True, description=d, tooltip=f"use {d}",
-                                            layout=W.Layout(width="80px")), f"lckd-toggle-{m}")
+        self.toggles = [_css(W.ToggleButton(value=True, description=d, tooltip=f"use {d}", icon="check",
+                                            button_style="success", layout=W.Layout(width="80px")),
+                             f"lckd-toggle-{m}")
                         for m, d in zip(MODALITIES, names)]
         self.blend_sliders = [_css(W.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.05, description=d,
                                                  continuous_update=False, readout_format=".2f"), f"lckd-blend-{m}")
@@ -785,6 +786,8 @@ class Explorer:
     def _on_toggle(self, change=None) -> None:
         for t, s in zip(self.toggles, self.blend_sliders):
             s.disabled = not t.value  # a missing modality has nothing to blend
+            # grey-on-grey is hard to read in JupyterLab: on = green with a tick, off = plain
+            t.button_style, t.icon = ("success", "check") if t.value else ("", "")
         self._on_change(change)
         if self.heatmap_figure is not None and any(self.available):
             self.show_heatmap()  # move the highlight to the new subset

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lckd_kit import ALL_PRESENT, REGIONS, SUBSETS, phantom, subset_name
+from lckd_kit import ALL_PRESENT, SUBSETS, phantom, subset_name
 from lckd_kit.data import find_cases, load_case
 from lckd_kit.evaluate import (
     HD95_FLAVOUR,
@@ -121,6 +121,24 @@ def test_known_overlaps_and_physical_hd95():
     np.testing.assert_array_equal(d_only, dice)
     assert np.isnan(hd_only).all()
     assert "max of the two directed" in HD95_FLAVOUR
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # MONAI-internal deprecation notice
+def test_hd95_equals_monai_on_the_whole_volume():
+    """score_regions crops to the masks' box before calling MONAI: same numbers, also at the border."""
+    from monai.metrics import compute_hausdorff_distance
+
+    rng = np.random.default_rng(0)
+    truth = np.zeros((3, 20, 16, 12), bool)
+    truth[0, 0:6, 3:9, 0:5] = True  # touches the image border
+    truth[1, 5:15, 2:14, 3:11] = True
+    truth[2] = rng.uniform(size=truth[2].shape) > 0.97  # scattered specks
+    pred = np.roll(truth, 2, axis=1) | (rng.uniform(size=truth.shape) > 0.995)
+    sp = (1.0, 2.0, 3.0)
+    _, hd = score_regions(pred, truth, spacing=sp)
+    ref = compute_hausdorff_distance(torch.as_tensor(pred)[None], torch.as_tensor(truth)[None], include_background=True,
+                                     percentile=95, spacing=sp)[0].numpy()
+    np.testing.assert_allclose(hd[0], ref, rtol=1e-6)
 
 
 def test_nesting_and_et_postprocessing():

@@ -12,7 +12,8 @@ VALUE a Python literal) goes right after the cell tagged ``parameters``. Written
 * ``<name>.ipynb``: the executed notebook, with outputs and widget state;
 * ``figures/<stem>/cellNN_K.png``: every PNG output. ``figures/<stem>/cellNN_widget_K.png`` holds the
   images the ipywidgets views (slice viewer, explorer) showed last;
-* ``timings.json``: wall time per notebook and per cell, and the machine's load average.
+* ``timings.json``: wall time per notebook and per cell, the kernel's CPU time (user + system: on a
+  busy machine a better estimate of the time on a quiet one) and the machine's load average.
 
 ``--cache DIR`` sets ``LCKD_KIT_CACHE`` (phantoms and notebook runs) for the kernels. The default is
 the kit's own cache, so the phantoms a workshop prepared are reused. The exit status is 1 if a
@@ -60,9 +61,22 @@ def inject_parameters(nb, params: dict):
     return nb
 
 
+_CPU_PROBE = ("import resource as _r, json as _j\n"
+              "_s, _c = _r.getrusage(_r.RUSAGE_SELF), _r.getrusage(_r.RUSAGE_CHILDREN)\n"
+              "print(_j.dumps({'cpu_seconds': _s.ru_utime + _s.ru_stime + _c.ru_utime + _c.ru_stime}))")
+
+
+def kernel_cpu_seconds(nb) -> float | None:
+    """CPU seconds the kernel used (user + system), if :func:`execute` measured them."""
+    return nb.metadata.get("lckd_kit_run", {}).get("cpu_seconds")
+
+
 def execute(path: str | os.PathLike, params: dict | None = None, cache: str | os.PathLike | None = None,
-            timeout: int = 600, env: dict | None = None):
+            timeout: int = 600, env: dict | None = None, measure_cpu: bool = False):
     """Run a notebook in a fresh kernel; return ``(executed notebook, error or None, seconds)``.
+
+    ``measure_cpu``: also record the kernel's CPU time (``kernel_cpu_seconds(nb)``). On a busy
+    machine the CPU time is the better estimate of the wall time the notebook needs on a quiet one.
 
     The kernel gets ``LCKD_KIT_CACHE=cache`` (if given) and ``PYTHONPATH`` with the repository, so a
     checkout that was not pip-installed works (the notebooks' first cell handles that too).
@@ -72,6 +86,10 @@ def execute(path: str | os.PathLike, params: dict | None = None, cache: str | os
 
     path = Path(path)
     nb = inject_parameters(nbformat.read(path, as_version=4), params or {})
+    if measure_cpu:  # a last cell reports the kernel's CPU time; removed again below
+        probe = nbformat.v4.new_code_cell(_CPU_PROBE)
+        probe.id = "cpu-probe"
+        nb.cells.append(probe)
     kenv = dict(os.environ, **(env or {}))
     kenv["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), kenv.get("PYTHONPATH", "")) if p)
     kenv.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
@@ -87,7 +105,13 @@ def execute(path: str | os.PathLike, params: dict | None = None, cache: str | os
         error = err
     except Exception as err:  # a dead kernel or a timeout: keep what ran
         error = err
-    return nb, error, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if measure_cpu and nb.cells and nb.cells[-1].get("id") == "cpu-probe":
+        probe = nb.cells.pop()
+        for out in probe.get("outputs", []):
+            if out.get("output_type") == "stream" and "cpu_seconds" in out.get("text", ""):
+                nb.metadata["lckd_kit_run"] = json.loads(out["text"].strip().splitlines()[-1])
+    return nb, error, seconds
 
 
 def _widget_images(nb) -> dict[str, bytes]:
@@ -194,15 +218,18 @@ def main(argv=None) -> int:
     failed = []
     for path in paths:
         print(f"[run_notebooks] {path.name} ...", flush=True)
-        nb, error, seconds = execute(path, params, cache=args.cache, timeout=args.timeout)
+        nb, error, seconds = execute(path, params, cache=args.cache, timeout=args.timeout, measure_cpu=True)
+        cpu = kernel_cpu_seconds(nb)
         nbformat.write(nb, args.out / path.name)
         figs = extract_figures(nb, args.out / "figures" / path.stem)
         cells = {f"cell{i:02d}": round(t, 2) for i, c in enumerate(nb.cells)
                  if c.cell_type == "code" and (t := cell_time(c)) is not None}
-        timings["notebooks"][path.name] = {"seconds": round(seconds, 1), "ok": error is None, "cells": cells,
-                                           "figures": len(figs), "load_after": load_average()}
+        timings["notebooks"][path.name] = {"seconds": round(seconds, 1), "kernel_cpu_seconds": cpu,
+                                           "ok": error is None, "cells": cells, "figures": len(figs),
+                                           "load_after": load_average()}
         status = "ok" if error is None else f"FAILED: {str(error).strip().splitlines()[-1][:300]}"
-        print(f"[run_notebooks] {path.name}: {seconds:.0f} s, {len(figs)} figures, {status}", flush=True)
+        cpu_txt = f" (kernel CPU {cpu:.0f} s)" if cpu is not None else ""
+        print(f"[run_notebooks] {path.name}: {seconds:.0f} s{cpu_txt}, {len(figs)} figures, {status}", flush=True)
         if error is not None:
             failed.append(path.name)
     (args.out / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")

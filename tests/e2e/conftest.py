@@ -119,8 +119,9 @@ def lab_root(tmp_path_factory) -> Path:
         if src.exists():
             nb = inject_fast(json.loads(src.read_text(encoding="utf-8")), name)
             (nbdir / name).write_text(json.dumps(nb, indent=1), encoding="utf-8")
-    (nbdir / "e2e_synthetic_explorer.ipynb").write_text(json.dumps(synthetic_explorer_notebook(), indent=1),
-                                                         encoding="utf-8")
+    if os.environ.get("LCKD_E2E_SYNTHETIC") == "1":
+        (nbdir / "e2e_synthetic_explorer.ipynb").write_text(json.dumps(synthetic_explorer_notebook(), indent=1),
+                                                             encoding="utf-8")
     return root
 
 
