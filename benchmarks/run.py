@@ -69,6 +69,14 @@ _T0 = time.perf_counter()
 _DEADLINE = math.inf
 
 
+_SAVE = None  # main() sets it: write the results gathered so far (after every measured row)
+
+
+def checkpoint(partial=None) -> None:
+    if _SAVE is not None:
+        _SAVE(partial)
+
+
 def past_deadline() -> bool:
     return time.perf_counter() > _DEADLINE
 
@@ -327,6 +335,7 @@ def bench_train(cfg: str, batch: int, spatial, device, repeats: int, mem: Memory
             row["loss_equal"] = all(loss_close(a, b, device) for a, b in zip(res["kit"]["outs"], res["ref"]["outs"]))
             row["loss_absdiff"] = max(abs(a - b) for a, b in zip(res["kit"]["outs"], res["ref"]["outs"]))
         rows.append(row)
+        checkpoint(dict(config=label, input=shape, rows=rows, partial=True))
         log(f"  {case:<5} {row['subset']:<20} kit {row['kit_s']:.3f}s" + (
             f"  ref {row['ref_s']:.3f}s  speedup {row['speedup']:.2f}x  loss equal {row['loss_equal']}"
             if naive else ""))
@@ -649,6 +658,18 @@ def without_tf32(fn):
     return run
 
 
+def with_cudnn_benchmark(fn):
+    """Run ``fn`` with cuDNN autotuning on (the first call per shape tunes: done in the warm-up)."""
+    def run():
+        old = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            return fn()
+        finally:
+            torch.backends.cudnn.benchmark = old
+    return run
+
+
 def bench_gpu_variants(batch, spatial, device, repeats, mem: Memory, cfg: str = "paper") -> dict:
     """The paper step in fp32 / bf16 autocast / bf16 + channels_last_3d, kit vs reference way.
     Meant for CUDA; runs anywhere (bf16 autocast also exists on CPU) so the code path can be checked."""
@@ -673,6 +694,11 @@ def bench_gpu_variants(batch, spatial, device, repeats, mem: Memory, cfg: str = 
     variants.update({
         "bf16 kit": make_step(base, x, y, ALL_PRESENT, device, amp=True, opt=make_optimizer(base, True)),
         "bf16+CL kit": make_step(cl_model, x_cl, y, ALL_PRESENT, device, amp=True, opt=make_optimizer(cl_model, True)),
+    })
+    if device.type == "cuda" and not torch.backends.cudnn.benchmark:
+        variants["bf16 kit cudnn.benchmark"] = with_cudnn_benchmark(
+            make_step(base, x, y, ALL_PRESENT, device, amp=True, opt=make_optimizer(base, True)))
+    variants.update({
         f"bf16 kit {subset_name(mix)}": make_step(base, x, y, mix, device, amp=True, opt=make_optimizer(base, True)),
         f"bf16 ref-way {subset_name(mix)}": make_step(base, x, y, mix, device, naive=True, amp=True,
                                                      opt=make_optimizer(base, True)),
@@ -848,6 +874,9 @@ def main(argv=None):
                    help="gpu = precision/layout variants, compile = torch.compile (both CUDA by default)")
     p.add_argument("--budget", type=float, default=None, help="seconds; sections stop repeating past it")
     p.add_argument("--no-sgd", action="store_true", help="time fwd+bwd only (no optimiser step)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True everywhere (the kit leaves it off; the gpu "
+                        "section times it as a variant anyway)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
     p.add_argument("--update", action="store_true",
                    help="keep the other sections already in --out (rerun some sections, e.g. --sections train)")
@@ -864,7 +893,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     cuda = device.type == "cuda"
-    if cuda:
+    if cuda and args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     repeats = args.repeats or (10 if cuda else (2 if args.quick else 3))
     budget = args.budget if args.budget is not None else (270.0 if args.gpu_quick else None)
@@ -896,7 +925,8 @@ def main(argv=None):
     if cuda:
         results["meta"].update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                                cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
-                               matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32, cudnn_benchmark=True)
+                               matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                               cudnn_benchmark=torch.backends.cudnn.benchmark)
     out_path = Path(args.out)
     if args.update and out_path.exists():
         old = json.loads(out_path.read_text())
@@ -919,12 +949,18 @@ def main(argv=None):
             entry["matmul_flops_per_s"] = results["matmul_flops_per_s"]
             entry["run"] = results["meta"]["started"]
 
-    def save():
+    def save(partial=None):
+        if partial is not None:  # a section still running: keep its rows so far under "partial"
+            results["partial"] = partial
+        else:
+            results.pop("partial", None)
         results["meta"]["elapsed_s"] = time.perf_counter() - _T0
         results["meta"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(results, indent=1, default=str))
 
+    global _SAVE
+    _SAVE = save
     log(f"torch {torch.__version__}, device {device} ({dev_name}), {threads} threads, repeats {repeats}, "
         f"sections {sections}, memory: {mem.kind}")
     sample_matmul()
@@ -991,8 +1027,8 @@ def main(argv=None):
                 sample_matmul(results["cpu"][-1])
                 save()
         if "compile" in sections:
-            if math.isfinite(_DEADLINE) and _DEADLINE - time.perf_counter() < 90:
-                log("compile: skipped, less than 90 s of the budget left")
+            if math.isfinite(_DEADLINE) and _DEADLINE - time.perf_counter() < 120:
+                log("compile: skipped, less than 120 s of the budget left")
                 results["compile"] = dict(error="skipped: budget")
             else:
                 results["compile"] = bench_compile(var_batch, var_spatial, device, repeats, mem, cfg=var_cfg)

@@ -217,7 +217,9 @@ def test_notebook_runs_in_fast_mode(name, runner, shared_cache):
     # the widgets' last images are in the stored widget state (what a saved notebook shows)
     if any("widget" in _tags(c) for c in nb.cells):
         assert runner._widget_images(nb), f"{name}: no rendered widget image in the widget state"
-    print(f"{name}: {seconds:.0f} s")
+    slow = sorted(((runner.cell_time(c) or 0.0, i) for i, c in enumerate(nb.cells) if c.cell_type == "code"),
+                  reverse=True)[:3]
+    print(f"{name}: {seconds:.0f} s (slowest cells: " + ", ".join(f"#{i} {t:.1f} s" for t, i in slow) + ")")
 
 
 def test_parameters_cell_values_are_literals():

@@ -630,7 +630,7 @@ Worked solutions: [`solutions/02_solutions.md`](solutions/02_solutions.md).
    (`metric="soft"`); the kit's default is the thresholded Dice. Run `election.elect_teachers(...,
    metric="soft")` on the same cases. Do the winners change? Which metric would you trust with a
    half-trained model, and why?
-2. **How many cases?** Run the election on 1, 2 and 4 held-out cases, one case at a time as well. How
+2. **How many cases?** Run the election on 1, 2 and 3 held-out cases, and on each case alone. How
    often does the winner of each region change? What does that tell you about electing on a small
    validation set?
 3. **Ties and margins.** Write a function that returns, for each region, the margin between the
@@ -702,10 +702,11 @@ configuration, makes sure the phantoms and the held-out set exist, and names the
 For a batch with available modalities $A$ and teachers $T$ (the union of the elected winners):
 
 $$\\mathcal{L} = \\underbrace{\\text{Dice} + \\text{BCE}}_{\\text{segmentation, ET/TC/WT}}
-\\; + \\; 0.1 \\sum_{t \\in T \\cap A} \\; \\sum_{s \\in A} \\big\\lVert f_s - \\operatorname{sg}(f_t) \\big\\rVert_1$$
+\\; + \\; 0.1 \\sum_{t \\in T \\cap A} \\; \\sum_{s \\in A} \\operatorname{L1}\\big(f_s, \\operatorname{sg}(f_t)\\big)$$
 
-where $f_m$ is modality $m$'s bottleneck feature from the shared encoder and $\\operatorname{sg}$
-stops the gradient: the teacher is not pulled toward the students.
+where $f_m$ is modality $m$'s bottleneck feature from the shared encoder, L1 is the mean absolute
+difference over all feature elements, and $\\operatorname{sg}$ stops the gradient, so the teacher
+is not pulled toward the students.
 
 * **Stage 1** (warm-up): all four modalities, loss as above.
 * **Stage 2** (missing modalities): each step keeps $k \\in \\{1, 2, 3\\}$ modalities ($k$ uniform),

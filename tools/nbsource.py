@@ -19,10 +19,10 @@ def colab_badge(name: str) -> str:
 
 SETUP_MD = f"""**Setup.** The next cell makes the kit importable and changes nothing when it already is. In a
 checkout of the repository it uses that checkout. Anywhere else (Colab, a bare Jupyter) it clones the
-repository and installs it with `%pip install -e`. Why not simply
-`%pip install -q git+{REPO_URL}`? That installs the code but not the demo cases and tissue prior,
-which sit next to the package in the repository (about a minute in Colab). In Colab the cell also
-turns on the custom widget manager, which the sliders and the 3-D views need."""
+repository and installs it with `%pip install -e`, which takes about a minute in Colab. Why not simply
+`%pip install -q git+{REPO_URL}`? That installs the code but not the demo cases and the tissue prior,
+which sit next to the package in the repository. In Colab the cell also turns on the custom widget
+manager, which the sliders and the 3-D views need."""
 
 SETUP_CODE = f"""# Make lckd_kit importable: installed -> nothing to do; a checkout -> use it; else clone + install.
 import importlib.util
