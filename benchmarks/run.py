@@ -486,6 +486,51 @@ def eval_outputs_equal(e: dict) -> bool:
     return all(v <= tol for k, v in e.items() if "_maxdiff_vs_ref" in k)
 
 
+def decode_batched(model, enc, masks) -> torch.Tensor:
+    """What-if for ``predict_subsets``: decode n subsets of a (B, ...) encoding in ONE decoder call
+    (batch n*B, subset-major) instead of n calls. Returns (n*B, 3, *S). Uses LCKDNet internals."""
+    n, B = len(masks), enc.bottleneck.shape[0]
+    m = torch.tensor(masks, dtype=torch.bool, device=enc.bottleneck.device).repeat_interleave(B, 0)  # (nB, 4)
+    rep = lambda t: t.unsqueeze(0).expand(n, *t.shape).flatten(0, 1)  # noqa: E731  (B, ...) -> (nB, ...)
+    skips = [torch.where(m.view(n * B, 4, *[1] * (s.dim() - 2)), rep(s), z) for s, z in zip(enc.skips, enc.zero_skips)]
+    return model._fuse_decode(rep(enc.bottleneck), skips, m)
+
+
+def bench_decode(cfg: str, spatial, device, repeats: int, mem: Memory) -> dict:
+    """One sliding window, all 15 subsets: encode + 15 decoder calls (what predict_subsets does) vs
+    encode + one batched decoder call. Outputs compared."""
+    torch.manual_seed(0)
+    model = trained_like(build_model(cfg)).to(device).eval()
+    x = torch.randn(1, 4, *spatial, device=device)
+    shape = "1x4x" + "x".join(map(str, spatial))
+    log(f"decode what-if {cfg}: one window {shape}, 15 subsets")
+
+    @torch.no_grad()
+    def sequential():
+        enc = model.encode(x)
+        return torch.cat([model.decode(enc, s) for s in SUBSETS])
+
+    @torch.no_grad()
+    def batched():
+        return decode_batched(model, model.encode(x), SUBSETS)
+
+    a, b = sequential(), batched()  # warm-up
+    diff = (a - b).abs().max().item()
+    del a, b
+    res = run_interleaved({"sequential": sequential, "batched": batched}, repeats, device, mem)
+    out = dict(config=cfg, window=shape, logits_maxdiff=diff)
+    for n, r in res.items():
+        out[f"{n}_s"] = med(r["times"])
+        out[f"{n}_times"] = r["times"]
+        out[f"{n}_peak_bytes"] = r["peak"]
+        out[f"{n}_call_mem_bytes"] = r["grow"]
+    out["speedup"] = out["sequential_s"] / out["batched_s"]
+    log(f"  sequential {out['sequential_s']:.2f}s, batched {out['batched_s']:.2f}s -> {out['speedup']:.2f}x; "
+        f"max |logit diff| {diff:.1e}; memory growth {fmt_bytes(out['sequential_call_mem_bytes'])} -> "
+        f"{fmt_bytes(out['batched_call_mem_bytes'])}")
+    return out
+
+
 def phantom_image(grid: int = 96) -> torch.Tensor:
     """A normalised phantom case (4, g, g, g), the kit's CPU data."""
     from lckd_kit.data import normalize_image
@@ -810,6 +855,13 @@ def report(results: dict) -> None:
             print(f"   {e['config']}: per window, one encoder volume {e['encoder_flops_per_volume'] / 1e9:.2f} GFLOP, "
                   f"one decode {e['decode_flops'] / 1e9:.2f} GFLOP; peak shared15 {fmt_bytes(e['shared15_peak_bytes'])},"
                   f" ref15 {fmt_bytes(e['ref15_peak_bytes'])}")
+    if results.get("decode"):
+        rows = [[d["config"], d["window"], f"{d['sequential_s']:.3f}", f"{d['batched_s']:.3f}", f"{d['speedup']:.2f}x",
+                 f"{d['logits_maxdiff']:.1e}", fmt_bytes(d["sequential_call_mem_bytes"]),
+                 fmt_bytes(d["batched_call_mem_bytes"])] for d in results["decode"]]
+        print_table("what-if: one window, encode + 15 decoder calls (predict_subsets today) vs one batched decoder call",
+                    ["config", "window", "15 calls s", "1 batched call s", "speedup", "max |logit diff|",
+                     "mem growth 15 calls", "mem growth batched"], rows)
     if results.get("cpu"):
         rows = []
         pe = next((t for t in results.get("train") or [] if t["config"] == "paper"), None)
@@ -870,7 +922,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available with --gpu-quick, else cpu)")
     p.add_argument("--sections", nargs="+", default=None,
-                   choices=["train", "eval", "cpu", "profile", "gpu", "compile"],
+                   choices=["train", "eval", "decode", "cpu", "profile", "gpu", "compile"],
                    help="gpu = precision/layout variants, compile = torch.compile (both CUDA by default)")
     p.add_argument("--budget", type=float, default=None, help="seconds; sections stop repeating past it")
     p.add_argument("--no-sgd", action="store_true", help="time fwd+bwd only (no optimiser step)")
@@ -904,9 +956,9 @@ def main(argv=None):
     elif args.gpu_quick:
         sections = ["gpu", "train", "eval", "compile"]
     elif cuda:
-        sections = ["train", "eval", "cpu", "gpu", "compile"]
+        sections = ["train", "eval", "decode", "cpu", "gpu", "compile"]
     else:
-        sections = ["train", "eval", "cpu", "profile"]
+        sections = ["train", "eval", "decode", "cpu", "profile"]
     sgd = not args.no_sgd
     mem = Memory(device)
     dev_name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
@@ -1013,6 +1065,17 @@ def main(argv=None):
                 results["eval"].append(bench_eval(cfg, img, roi, device, reps, mem, amp=cuda, label=label,
                                                   per_subset_kit=not args.gpu_quick))
                 sample_matmul(results["eval"][-1])
+                save()
+        if "decode" in sections and not past_deadline():
+            results["decode"] = []
+            jobs = [("small", (32, 32, 32))] if args.quick else [("small", (64, 64, 64)), ("paper", (64, 64, 32))]
+            if cuda and not args.quick:
+                jobs.append(("paper", (160, 160, 80)))
+            for cfg, spatial in jobs:
+                if past_deadline():
+                    break
+                results["decode"].append(bench_decode(cfg, spatial, device, repeats, mem))
+                sample_matmul(results["decode"][-1])
                 save()
         if "cpu" in sections and not past_deadline():
             results["cpu"] = []
