@@ -14,11 +14,9 @@ done from Python or a notebook:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-from lckd_kit import REGIONS, as_mask, subset_name
+from lckd_kit import as_mask, subset_name
 
 
 def _device(name: str | None):
