@@ -71,7 +71,7 @@ def cmd_train(args) -> int:
 
         data = find_cases(args.data, convention=args.convention)
     result = train(config, data, out_dir=args.out, device=_device(args.device), resume=args.resume)
-    print(f"finished {config.total_steps} steps; teachers: {', '.join(result.teacher_names()) or '-'}")
+    print(f"finished {config.total_steps} steps; teachers: {', '.join(result.teacher_names) or '-'}")
     print(f"run folder: {args.out}")
     return 0
 
