@@ -164,7 +164,7 @@ class Memory:
 
 
 def run_interleaved(variants: dict, repeats: int, device, mem: Memory, deadline_ok=True) -> dict:
-    """Time each variant ``repeats`` times, rotating the order every round (A B C, B C A, ...).
+    """Time each variant ``repeats`` times, rotating the order every round (A B C, B C A, C A B, ...).
     Returns {name: {"times": [...], "outs": [...], "peak": max bytes, "grow": max bytes above the
     usage at the start of the call}}. Stops after the round in progress when the global deadline
     passes (at least one round is always run)."""
@@ -172,9 +172,7 @@ def run_interleaved(variants: dict, repeats: int, device, mem: Memory, deadline_
     res = {n: {"times": [], "outs": [], "peak": 0, "grow": 0} for n in names}
     for r in range(repeats):
         k = r % len(names)
-        order = names[k:] + names[:k]
-        if r % 2 == 1:
-            order = order[::-1]
+        order = names[k:] + names[:k]  # rotation: every variant takes every position in turn
         for n in order:
             mem.reset()
             t, out = timed(variants[n], device)
@@ -924,6 +922,8 @@ def main(argv=None):
     p.add_argument("--sections", nargs="+", default=None,
                    choices=["train", "eval", "decode", "cpu", "profile", "gpu", "compile"],
                    help="gpu = precision/layout variants, compile = torch.compile (both CUDA by default)")
+    p.add_argument("--profile-configs", nargs="+", default=["small", "small2d"], choices=["small", "small2d", "paper"],
+                   help="configs the profile section profiles (paper: 1x4x48x96x96 on CPU; minutes)")
     p.add_argument("--budget", type=float, default=None, help="seconds; sections stop repeating past it")
     p.add_argument("--no-sgd", action="store_true", help="time fwd+bwd only (no optimiser step)")
     p.add_argument("--cudnn-benchmark", action="store_true",
@@ -1098,9 +1098,11 @@ def main(argv=None):
             save()
         if "profile" in sections and not past_deadline():
             results["profile"] = []
-            for cfg in ("small", "small2d"):
+            for cfg in args.profile_configs:
                 tc = TRAIN_CONFIGS[cfg]
                 spatial, batch = tuple(tc.roi_size), tc.batch_size
+                if cfg == "paper" and not (cuda or args.big):  # the CPU-sized paper crop of the train section
+                    spatial, batch = (96, 96, 48), 1
                 if args.quick:
                     spatial, batch = (32,) * len(spatial), max(2, batch // 4)
                 results["profile"].append(bench_profile(cfg, batch, spatial, device, repeats, mem, threads))

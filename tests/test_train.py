@@ -152,6 +152,26 @@ def test_batches_are_pure_functions_of_the_step(cases):
     assert s1["available"].tolist() == list(ALL_PRESENT)
 
 
+@pytest.mark.parametrize("sampling", ["batch", "sample"])
+def test_rank_slices_of_a_step_make_up_the_single_process_batch(cases, sampling):
+    """DDP seam: the two ranks' batches of a step, stacked, are the one-process batch of twice the size."""
+    cfg = tiny(stage2_sampling=sampling)
+    src = StepBatches(load_cases(cases), cfg, spatial_dims=2, steps=[])
+    big = dataclasses.replace(cfg, batch_size=2 * cfg.batch_size)
+    src_big = StepBatches(load_cases(cases), big, spatial_dims=2, steps=[])
+    for step in (1, 6):  # stage 1 and stage 2
+        ranks = [make_batch(step, src, cfg, rank=r, world_size=2) for r in range(2)]
+        whole = make_batch(step, src_big, big)
+        assert torch.equal(torch.cat([b["image"] for b in ranks]), whole["image"])
+        assert torch.equal(torch.cat([b["label"] for b in ranks]), whole["label"])
+        assert not torch.equal(ranks[0]["image"], ranks[1]["image"])
+        if sampling == "batch" or step < cfg.stage1_steps:
+            assert torch.equal(ranks[0]["available"], whole["available"])
+            assert torch.equal(ranks[1]["available"], whole["available"])
+        else:
+            assert torch.equal(torch.cat([b["available"] for b in ranks]), whole["available"])
+
+
 def test_resume_is_bit_identical_across_the_stage_boundary(cases, tmp_path):
     full = train("tiny", cases, out_dir=tmp_path / "full", progress=False)
     # interrupted in stage 1 (after 3 of 4 warm-up steps), resumed, finished through stage 2

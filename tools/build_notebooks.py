@@ -667,7 +667,7 @@ live and then compares them on held-out cases for all 15 subsets of available mo
 3. evaluate a model over all 15 modality subsets and read the heatmaps;
 4. judge whether a difference between two models is larger than its noise.
 
-*Time:* 4–6 minutes on a laptop CPU: two short runs of the 2-D model and their evaluation. On a GPU
+*Time:* 5–6 minutes on a laptop CPU: two short runs of the 2-D model and their evaluation. On a GPU
 the 3-D `small` configuration trains instead. `FAST = True`: well under a minute.
 """),
         md(SETUP_MD),
@@ -751,7 +751,8 @@ few steps, each election, and each validation Dice. The callback below collects 
 redraws `viz.plot_history` in place every `PLOT_EVERY` steps. The four panels show the loss terms
 (the KD term in orange), the learning rate, the validation Dice with all modalities, and the teacher
 timeline. If notebook 02 ran first, stage 1 is already in the run folder and training continues with
-stage 2.
+stage 2. You can interrupt the training (■ in the toolbar): the run is saved at the last completed
+step, and running the cell again continues from there.
 """),
         code("""
 def live_history(records, title, every, panels="history"):
@@ -933,7 +934,7 @@ subsets at once and a 3-D view of the tumour.
    and say why it is an exploration of the model and not a physical quantity;
 4. load any trained checkpoint into the explorer.
 
-*Time:* under a minute with the shipped weights or a run from notebook 03 (`FAST = True`: about 20 s).
+*Time:* about a minute with the shipped weights or a run from notebook 03 (`FAST = True`: about 20 s).
 Without either, a toy model is trained for a few seconds, and its predictions will be poor.
 """),
         md(SETUP_MD),
