@@ -10,6 +10,9 @@ done from Python or a notebook:
     predict        evaluate.predict_case     segment one case under a chosen set of modalities
     experiment     experiment.run_experiment LCKD vs no-KD on phantoms, with a report (``make demo``)
     workshop-prep  experiment.workshop_prep  generate and cache everything a workshop needs offline
+
+``train`` also runs data-parallel on several GPUs or nodes when started by torchrun
+(``torchrun --nproc_per_node=8 -m lckd_kit train ...``): see :mod:`lckd_kit.distributed`.
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ def cmd_samples(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from lckd_kit import distributed
     from lckd_kit.train import get_train_config, train
 
     overrides = {}
@@ -70,9 +74,14 @@ def cmd_train(args) -> int:
         from lckd_kit.data import find_cases
 
         data = find_cases(args.data, convention=args.convention)
-    result = train(config, data, out_dir=args.out, device=_device(args.device), resume=args.resume)
-    print(f"finished {config.total_steps} steps; teachers: {', '.join(result.teacher_names) or '-'}")
-    print(f"run folder: {args.out}")
+    # under torchrun: join the process group (NCCL on cuda, gloo on cpu) for the run; else a no-op
+    with distributed.launch(_device(args.device)) as (info, device):
+        result = train(config, data, out_dir=args.out, device=device, resume=args.resume)
+        if info.is_main:
+            world = f" on {info.world_size} processes (global batch {info.world_size * config.batch_size})" \
+                if info.world_size > 1 else ""
+            print(f"finished {config.total_steps} steps{world}; teachers: {', '.join(result.teacher_names) or '-'}")
+            print(f"run folder: {args.out}")
     return 0
 
 
@@ -152,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="folder of cases (any supported layout)")
     t.add_argument("--config", default="small2d", help="paper | small | small2d | tiny")
     t.add_argument("--out", required=True, help="run folder (checkpoints, history.jsonl)")
-    t.add_argument("--device", default="auto")
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--no-kd", action="store_true", help="baseline: same model and schedule, no distillation")
     t.add_argument("--elect-at-start", action="store_true", help="reference behaviour: elect at step 0")

@@ -14,11 +14,15 @@ to the lowest modality index. Differences here, all documented options:
 * The four single-modality predictions come from one encoding per window
   (:func:`lckd_kit.evaluate.predict_subsets`), 4x cheaper than four separate passes.
 * The model is put in ``eval()`` mode (the reference never does; harmless for InstanceNorm).
+
+Distributed (DDP) training: each rank scores its own shard of the cases and passes
+``reduce=lckd_kit.distributed.all_reduce_sum``; the per-case Dice sums and the case count are
+summed over ranks before dividing, so every rank gets the same scores and teachers.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -128,6 +132,7 @@ def elect_teachers(
     sw_batch_size: int = 1,
     amp: bool = False,
     crop_foreground: bool = False,
+    reduce: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> ElectionResult:
     """Elect the teacher modalities of ``model`` on ``cases``.
 
@@ -143,13 +148,16 @@ def elect_teachers(
         step: stored in the result (training step).
         include_all: also decode the all-modality subset from the same encodings and store its
             hard Dice in ``result.all_dice`` (training uses it as the validation score).
+        reduce: sums a float64 array over processes (``lckd_kit.distributed.all_reduce_sum``);
+            then ``cases`` is this process's shard (possibly empty) and the result covers all
+            shards, identical on every process. Every process must call it (a collective).
 
     Returns:
         :class:`ElectionResult` with ``scores`` ``(4, 3)`` = mean Dice over cases.
     """
     if metric not in ("hard", "soft"):
         raise ValueError(f"metric must be 'hard' or 'soft', got {metric!r}")
-    if not cases:
+    if not cases and reduce is None:
         raise ValueError("election needs at least one labelled case")
     subsets = list(SINGLES) + ([ALL_PRESENT] if include_all else [])
     was_training = model.training
@@ -175,7 +183,13 @@ def elect_teachers(
                 all_dice += hard[4].double().numpy()
     finally:
         model.train(was_training)
-    scores /= len(cases)
+    n = len(cases)
+    if reduce is not None:  # one reduction: [12 scores, 3 all-modality Dice, case count]
+        total = reduce(np.concatenate([scores.ravel(), all_dice, [n]]))
+        scores, all_dice, n = total[:12].reshape(4, 3), total[12:15], int(round(total[15]))
+        if n == 0:  # the same on every rank, so all raise together
+            raise ValueError("election needs at least one labelled case (none on any rank)")
+    scores /= n
     winners, teachers = winners_from_scores(scores)
     return ElectionResult(scores=scores, winners=winners, teachers=teachers, metric=metric, step=step,
-                          all_dice=all_dice / len(cases) if include_all else None, n_cases=len(cases))
+                          all_dice=all_dice / n if include_all else None, n_cases=n)

@@ -326,7 +326,9 @@ class StepBatches(torch.utils.data.Dataset):
             return self._cache[i]
         case = self.cases[i]
         d = _case_dict(case) if not isinstance(case, dict) else case
-        out = self.prefix({"image": d["image"], "label": d["label"]})
+        # a copy: the prefix z-scores in place (MONAI NormalizeIntensityd), which without the cache
+        # would change the case under the next step (and under every DDP rank differently)
+        out = self.prefix({"image": np.array(d["image"], dtype=np.float32), "label": d["label"]})
         if self.config.cache_cases:
             self._cache[i] = out
         return out
