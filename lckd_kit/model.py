@@ -192,9 +192,22 @@ def conv(cfg: ModelConfig, cin: int, cout: int, k: int, stride=1, padding=0, dil
     return cls(cin, cout, k, stride=stride, padding=padding, dilation=dilation, bias=False)
 
 
+class InstanceNorm(nn.GroupNorm):
+    """The reference's InstanceNorm (affine, no running stats: each sample's own statistics), as a
+    GroupNorm with one channel per group. Same function, same ``weight``/``bias`` parameters and
+    eps; torch's group-norm kernels make the small configs' CPU training step ~1.15x faster
+    (benchmarks/run.py, profile section, "torch InstanceNorm" what-if). Any spatial rank."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__(num_features, num_features, eps=eps, affine=True)
+
+    @property
+    def num_features(self) -> int:
+        return self.num_channels
+
+
 def norm(cfg: ModelConfig, c: int) -> nn.Module:
-    # affine, no running stats: always normalises with the statistics of the sample itself
-    return (nn.InstanceNorm3d if cfg.spatial_dims == 3 else nn.InstanceNorm2d)(c, affine=True)
+    return InstanceNorm(c)
 
 
 def conv_norm_act(cfg: ModelConfig, cin: int, cout: int, k: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -491,6 +504,10 @@ class LCKDNet(nn.Module):
             bott, skips = self.encoder(x)
             return bott.unflatten(0, (B, N_MOD)), [s.unflatten(0, (B, N_MOD)) for s in skips]
         P = len(flat)
+        if P + 1 >= B * N_MOD and (self.training or torch.is_grad_enabled()):
+            # one slot missing: sharing would encode as many volumes as the reference and add a
+            # gather of every skip map, so zero that slot in place instead (benchmarks: k=3, B=1)
+            return self._encode_naive(images, torch.tensor(rows, dtype=torch.bool, device=images.device))
         x = x.index_select(0, torch.tensor(flat, device=x.device))
         if not self.training and not torch.is_grad_enabled():
             bott, skips = self.encoder(x)
@@ -538,6 +555,18 @@ class LCKDNet(nn.Module):
         mask = self._mask_tensor(available, B, enc.bottleneck.device)
         skips = [torch.where(mask.view(B, N_MOD, *[1] * (s.dim() - 2)), s, z) for s, z in zip(enc.skips, enc.zero_skips)]
         return self._fuse_decode(enc.bottleneck, skips, mask)
+
+    def decode_many(self, enc: Encoding, masks: Sequence) -> torch.Tensor:
+        """Logits ``(n, B, 3, *S)`` for ``n`` subsets (each a (4,) mask) from one Encoding, in ONE
+        decoder call on a batch of n*B. Equals ``decode`` per subset; faster when the decoder's
+        tensors are small (per-op overhead dominates: the CPU configs), slower and n times the
+        activation memory when they are large (benchmarks/run.py, decode what-if)."""
+        n, B = len(masks), enc.bottleneck.shape[0]
+        m = torch.stack([self._mask_tensor(a, 1, enc.bottleneck.device)[0] for a in masks]).repeat_interleave(B, 0)
+        rep = lambda t: t.unsqueeze(0).expand(n, *t.shape).flatten(0, 1)  # noqa: E731  (B, ...) -> (nB, ...)
+        skips = [torch.where(m.view(n * B, N_MOD, *[1] * (s.dim() - 2)), rep(s), z)
+                 for s, z in zip(enc.skips, enc.zero_skips)]
+        return self._fuse_decode(rep(enc.bottleneck), skips, m).unflatten(0, (n, B))
 
     def forward(self, images: torch.Tensor, available, naive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 4, *S), available (4,) or (B, 4) -> (logits (B, 3, *S) in ET, TC, WT order,

@@ -174,10 +174,14 @@ def test_shared_encoding_equals_per_subset_inference(name, image_shape, roi):
     model = tiny_model(name, roi_size=model_roi)
     g = torch.Generator().manual_seed(3)
     image = torch.randn(image_shape, generator=g)
-    fast = predict_subsets(model, image, SUBSETS, roi_size=roi)
+    fast = predict_subsets(model, image, SUBSETS, roi_size=roi)  # a small model: one batched decode
     slow = per_subset_reference(model, image, SUBSETS, roi_size=roi)
     assert fast.shape == slow.shape == (15, 3, *image_shape[1:])
-    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    # a decoder batch of 15x changes the conv kernels' summation order: float32 rounding, ~2e-5
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
+    for k in (1, 4):  # one decoder call per subset; uneven chunks of 4
+        torch.testing.assert_close(predict_subsets(model, image, SUBSETS, roi_size=roi, decode_batch=k), fast,
+                                   atol=1e-4, rtol=0)
 
     # the evaluation's Dice / HD95 rows equal those of the slow path's masks
     label = np.zeros((3, *image_shape[1:]), np.uint8)
@@ -185,7 +189,7 @@ def test_shared_encoding_equals_per_subset_inference(name, image_shape, roi):
     label[0, 14:20] = 0
     case = {"name": "c0", "image": image.numpy(), "label": label, "spacing": (2.0, 2.0, 2.0)}
     res = evaluate(model, [case], roi_size=roi)
-    ambiguous = (slow - 0.5).abs() < 1e-5  # threshold flips within float noise are not a difference
+    ambiguous = (slow - 0.5).abs() < 1e-4  # threshold flips within float noise are not a difference
     assert torch.equal((fast > 0.5) | ambiguous, (slow > 0.5) | ambiguous)
     dice, hd = score_regions(nest_regions(slow > 0.5), label, spacing=2.0)
     if not ambiguous.any():
@@ -211,6 +215,7 @@ class RegionStub(torch.nn.Module):
 
     def decode(self, enc, available):
         return 20 * (enc[:, :3] - 0.5)
+
 
 
 def stub_case(name: str, truth_et: bool, n_pred_et: int = 0) -> dict:

@@ -66,20 +66,25 @@ def state(case, model):
 
 @pytest.fixture
 def count_calls(model):
-    """Count model.decode / model.encode calls (instance attributes shadow the methods)."""
+    """Count model.encode calls and the subsets decoded (``decode`` one, ``decode_many`` one per mask);
+    instance attributes shadow the methods."""
     calls = {"decode": 0, "encode": 0}
-    orig = {k: getattr(model, k) for k in calls}
+    names = ("decode", "decode_many", "encode")
+    orig = {k: getattr(model, k) for k in names}
 
     def wrap(name):
         def f(*args, **kwargs):
-            calls[name] += 1
+            if name == "decode_many":
+                calls["decode"] += len(args[1] if len(args) > 1 else kwargs["masks"])
+            else:
+                calls[name] += 1
             return orig[name](*args, **kwargs)
         return f
 
-    for k in calls:
+    for k in names:
         object.__setattr__(model, k, wrap(k))
     yield calls
-    for k in calls:
+    for k in names:
         del model.__dict__[k]
 
 

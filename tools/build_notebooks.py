@@ -400,8 +400,9 @@ explains its outcome.
 3. run the teacher election and read its 4 × 3 score table;
 4. say why the election is repeated during training rather than fixed once.
 
-*Time:* 2–3 minutes on a laptop CPU. It trains stage 1 of a small model, which notebook 03
-continues, or it uses the shipped checkpoint when there is one. `FAST = True`: well under a minute.
+*Time:* under a minute on a laptop CPU with the shipped checkpoint (the default). Without it the
+notebook trains stage 1 of a small model itself, which notebook 03 then continues: about 2 minutes
+more. `FAST = True`: well under a minute.
 """),
         md(SETUP_MD),
         code(SETUP_CODE),
@@ -416,8 +417,8 @@ GRID = 96             # 96^3 voxels of 2 mm
 CHECKPOINT = "auto"   # "auto": the shipped checkpoints/lckd_small_phantom.pt if present, else train stage 1 here;
                       # "" : always train here; or the path of any run's .pt file
 CONFIG = "auto"       # "auto": "small" (3-D) on a GPU, "small2d" (2-D slices) on a CPU; or a TRAIN_CONFIGS name
-CPU_OVERRIDES = dict(stage1_steps=60, stage2_steps=60, elect_every=30, elect_max_cases=1, batch_size=8)
-                      # how a CPU shortens the config (a GPU runs the config's own schedule)
+CPU_OVERRIDES = dict()  # changes to the config on a CPU: none, small2d's own 300 + 300 steps take about 2 min
+                      # per model on 2 cores; on a slow laptop e.g. dict(stage1_steps=100, stage2_steps=100, elect_every=50)
 N_TEST = 3            # held-out phantoms for the election shown here
 DEVICE = "auto"       # "auto", "cpu", "cuda", ...
 THREADS = None        # torch CPU threads (None: torch's default; 1 can be faster on a busy machine)
@@ -682,8 +683,8 @@ SEED = 0              # phantoms and training seed
 N_PHANTOMS = 24       # training + validation phantoms (the set of notebook 01)
 GRID = 96             # 96^3 voxels of 2 mm
 CONFIG = "auto"       # "auto": "small" (3-D) on a GPU, "small2d" (2-D slices) on a CPU; or a TRAIN_CONFIGS name
-CPU_OVERRIDES = dict(stage1_steps=60, stage2_steps=60, elect_every=30, elect_max_cases=1, batch_size=8)
-                      # how a CPU shortens the config (a GPU runs the config's own schedule)
+CPU_OVERRIDES = dict()  # changes to the config on a CPU: none, small2d's own 300 + 300 steps take about 2 min
+                      # per model on 2 cores; on a slow laptop e.g. dict(stage1_steps=100, stage2_steps=100, elect_every=50)
 N_TEST = 3            # held-out phantoms for the 15-subset comparison
 PLOT_EVERY = 10       # redraw the live plot every this many steps
 HD95 = False          # also compute HD95 (slower)
