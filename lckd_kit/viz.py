@@ -649,8 +649,8 @@ def subset_heatmap_plotly(dice: np.ndarray, title: str = "Dice for every set of 
                       hovertemplate="%{customdata}<br>%{x}: %{text}<extra></extra>", xgap=2, ygap=2,
                       colorbar=dict(title="Δ Dice" if diff else "Dice"), **color)
     fig = go.Figure(heat)
-    fig.update_layout(title=title, height=height, width=150 + 110 * len(cols) + 120,
-                      margin=dict(l=20, r=20, t=90, b=20), plot_bgcolor="white")
+    fig.update_layout(title=title, height=height, width=260 + 110 * len(cols) + 120,
+                      margin=dict(l=130, r=20, t=90, b=20), plot_bgcolor="white")  # l: room for the key
     fig.update_xaxes(side="top", tickfont=dict(size=13))
     fig.update_yaxes(autorange="reversed", tickfont=dict(size=14, family="monospace"))
     fig.add_annotation(text="FLAIR T1 T1ce T2<br>(● available)", xref="paper", yref="paper", x=0.0, y=1.0,

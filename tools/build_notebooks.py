@@ -1014,7 +1014,8 @@ four modalities, crossed out when they are missing. The buttons under the image 
 heatmap of all 15 subsets and a 3-D view.
 """),
         code("""
-case = CASE or (phantom.make_case(seed=5, grid=GRID) if FAST else None)   # None: the first bundled demo case
+# None: the first bundled demo case (96^3, what trained models know); FAST with the toy model: a 32^3 phantom
+case = CASE or (phantom.make_case(seed=5, grid=GRID) if FAST and ckpt_path is None else None)
 t0 = time.time()
 state = widgets.ExplorerState.from_case(model, case, device=DEVICE)
 ex = widgets.Explorer(state, plane=PLANE)
