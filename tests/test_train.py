@@ -280,3 +280,22 @@ def test_split_is_deterministic_and_disjoint():
     assert len(va) == 5 and set(tr).isdisjoint(va) and sorted(tr + va) == list(range(20))
     assert split_cases(20, dataclasses.replace(cfg, seed=4)) != (tr, va)
     assert split_cases(20, dataclasses.replace(cfg, n_val=2))[1].__len__() == 2
+
+
+def test_paper_config_is_the_reference_recipe_and_cpu_configs_say_how_they_differ():
+    """LCKD_SPEC 9.3; the CPU teaching configs deliberately use AdamW (train.TRAIN_CONFIGS comment)."""
+    p = TRAIN_CONFIGS["paper"]
+    assert (p.model, p.roi_size, p.batch_size, p.stage1_steps, p.stage2_steps, p.elect_every) == \
+        ("paper", (160, 160, 80), 2, 80_000, 35_000, 5_000)
+    assert (p.optimizer, p.lr, p.momentum, p.nesterov, p.weight_decay, p.poly_power) == ("sgd", 1e-2, 0.99, True, 0.0, 0.9)
+    assert (p.kd_weight, p.kd_distance, p.kd_pairs, p.kd_reduction, p.stage1_kd) == (0.1, "l1", "all", "sum", True)
+    assert (p.stage2_schedule, p.stage2_sampling, p.initial_teachers) == ("continue", "batch", ("flair",))
+    # the kit's documented departures from the reference, on by default in every config
+    assert (p.elect_on, p.elect_at_start, p.elect_metric) == ("val", False, "hard")
+    for name in ("small", "small2d"):
+        c = TRAIN_CONFIGS[name]
+        assert (c.optimizer, c.lr, c.weight_decay) == ("adamw", 3e-3, 0.0)
+        assert (c.kd_weight, c.kd_distance, c.stage2_schedule, c.stage2_sampling) == (0.1, "l1", "continue", "batch")
+    # the schedule's reference lr jump at the stage boundary (3.9e-7 -> 3.4e-3 in the paper recipe)
+    assert lr_at(79_999, p) == pytest.approx(1e-2 * (1 / 80_000) ** 0.9)
+    assert lr_at(80_000, p) == pytest.approx(1e-2 * (35_000 / 115_000) ** 0.9, rel=1e-6)
