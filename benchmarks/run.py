@@ -853,7 +853,7 @@ def report(results: dict) -> None:
         rows = [[d["config"], d["window"], f"{d['sequential_s']:.3f}", f"{d['batched_s']:.3f}", f"{d['speedup']:.2f}x",
                  f"{d['logits_maxdiff']:.1e}", fmt_bytes(d["sequential_call_mem_bytes"]),
                  fmt_bytes(d["batched_call_mem_bytes"])] for d in results["decode"]]
-        print_table("one window, encode + 15 decoder calls vs one batched call (predict_subsets batches models < 5M parameters)",
+        print_table("one window, encode + 15 decoder calls vs one batched call (predict_subsets: models < 5M parameters, <= 16 items a call)",
                     ["config", "window", "15 calls s", "1 batched call s", "speedup", "max |logit diff|",
                      "mem growth 15 calls", "mem growth batched"], rows)
     if results.get("cpu"):

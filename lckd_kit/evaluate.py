@@ -25,9 +25,12 @@ def _model_config(model):
     return getattr(model, "config", None) or model.module.config
 
 
-#: :func:`predict_subsets` decodes all subsets in one call for models smaller than this (measured on
-#: 2 CPU cores: 2.7-3.2x faster for "small" at 64^3, 0.74-0.99x for "paper"; benchmarks/run.py)
+#: :func:`predict_subsets` decodes several subsets per decoder call for models smaller than this, up
+#: to DECODE_BATCH_ITEMS volumes or slices per call. Measured on 2 CPU cores: "small", one 64^3
+#: window, 15 subsets in one call 2.7-3.6x faster than 15 calls (benchmarks/run.py); "paper"
+#: 0.74-1.26x; small2d, whose 2-D windows already hold 16 slices, 2.5x SLOWER with 15 per call.
 DECODE_BATCH_MAX_PARAMS = 5_000_000
+DECODE_BATCH_ITEMS = 16
 
 
 @torch.no_grad()
@@ -65,9 +68,10 @@ def predict_subsets(
         crop_foreground: run only on the bounding box of the non-zero voxels (the skull-stripped
             brain) and return probability 0 outside it -- nnU-Net-style, 2-3x less work on
             BraTS-like data. The reference runs on the whole volume (``False``).
-        decode_batch: subsets decoded per decoder call (``LCKDNet.decode_many``). None: all at once
-            for models under :data:`DECODE_BATCH_MAX_PARAMS` parameters (the CPU configs, whose
-            small tensors make 15 separate calls overhead-bound), one at a time for larger ones.
+        decode_batch: subsets decoded per decoder call (``LCKDNet.decode_many``). None: for models
+            under :data:`DECODE_BATCH_MAX_PARAMS` parameters (whose small tensors make separate
+            calls overhead-bound) as many as keep a call at :data:`DECODE_BATCH_ITEMS` volumes or
+            slices (3-D "small": all 15; 2-D windows of 16 slices: 1); one at a time otherwise.
 
     Returns:
         ``(n_subsets, 3, X, Y, Z)`` float32 probabilities, channels ET, TC, WT.
@@ -96,8 +100,7 @@ def predict_subsets(
         raise ValueError(f"roi_size must have 3 entries (rx, ry, rz or slices), got {roi_size}")
     n = len(masks)
     use_amp = amp and device.type == "cuda"
-    if decode_batch is None:
-        decode_batch = n if sum(p.numel() for p in model.parameters()) < DECODE_BATCH_MAX_PARAMS else 1
+    small_model = sum(p.numel() for p in model.parameters()) < DECODE_BATCH_MAX_PARAMS
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
         # window (b, 4, rx, ry, rz) -> (b, 3 * n, rx, ry, rz): all subsets stacked along channels so
@@ -109,9 +112,10 @@ def predict_subsets(
             window = window.permute(0, 4, 1, 2, 3).reshape(b * rz, 4, rx, ry)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             enc = model.encode(window)  # the expensive part, once per window
-            if decode_batch > 1 and hasattr(model, "decode_many"):
-                outs = [model.decode_many(enc, masks[i:i + decode_batch]).float()  # (k, b', 3, ...)
-                        for i in range(0, n, decode_batch)]
+            k = decode_batch or (max(1, DECODE_BATCH_ITEMS // window.shape[0]) if small_model else 1)
+            if k > 1 and hasattr(model, "decode_many"):
+                outs = [model.decode_many(enc, masks[i:i + k]).float()  # (k, b', 3, ...)
+                        for i in range(0, n, k)]
             else:  # any model with encode / decode
                 outs = [model.decode(enc, m.to(window.device)).float()[None] for m in masks]
         out = torch.cat(outs).transpose(0, 1).flatten(1, 2)  # (b', 3n, ...), subset-major channels

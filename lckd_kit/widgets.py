@@ -850,14 +850,15 @@ class Explorer:
         self.render_count += 1
         self.info.value = self._info_html()
 
-    def show_heatmap(self) -> None:
-        """Dice of all 15 subsets as a plotly heatmap in ``heatmap_out``, the current subset framed."""
+    def heatmap_plotly(self):
+        """The figure of the "Dice for all 15 subsets" button: a plotly heatmap with the current
+        (or last valid) subset framed. None, with the warning shown, when there is nothing to score."""
         try:
             d = self.state.all_subset_dice()
         except ValueError as err:
             self.warning.value = f"<div style='color:#B00020'>⚠ {html.escape(str(err))}</div>"
             _show(self.warning, True)
-            return
+            return None
         fig = viz.subset_heatmap_plotly(d, title=f"{self.state.name}: Dice for every set of available modalities",
                                         height=520)
         mask = self.available if any(self.available) else self._last_mask
@@ -865,20 +866,34 @@ class Explorer:
             row = SUBSETS.index(tuple(mask))
             fig.add_shape(type="rect", xref="x", yref="y", x0=-0.5, x1=len(REGIONS) - 0.5, y0=row - 0.5,
                           y1=row + 0.5, line=dict(color="#C0392B", width=3), fillcolor="rgba(0,0,0,0)")
+        return fig
+
+    def show_heatmap(self) -> None:
+        """Draw :meth:`heatmap_plotly` in the explorer's ``heatmap_out`` panel."""
+        fig = self.heatmap_plotly()
+        if fig is None:
+            return
         self.heatmap_figure = fig
         _display_in(self.heatmap_out, fig)
         self.info.value = self._info_html()
 
-    def show_3d(self) -> None:
-        """Ground truth and prediction of the current subset in 3-D (plotly) in ``view3d_out``."""
+    def view3d_plotly(self):
+        """The figure of the "Show 3D" button: truth and prediction of the current subset (plotly);
+        None, with the warning shown, when no modality is selected."""
         mask = self.available
         if not any(mask):
             self.refresh()  # shows the warning
-            return
+            return None
         pred = self.state.prediction(mask, self.blend)
-        fig = viz.region_3d(self.state.label, pred, spacing=self.state.spacing, brain=self.state.image[0],
-                            title=f"{self.state.name}: {viz.pretty_subset(mask)} "
-                                  "(click again after changing the subset)")
+        return viz.region_3d(self.state.label, pred, spacing=self.state.spacing, brain=self.state.image[0],
+                             title=f"{self.state.name}: {viz.pretty_subset(mask)} "
+                                   "(click again after changing the subset)")
+
+    def show_3d(self) -> None:
+        """Draw :meth:`view3d_plotly` in the explorer's ``view3d_out`` panel."""
+        fig = self.view3d_plotly()
+        if fig is None:
+            return
         self.view3d_figure = fig
         _display_in(self.view3d_out, fig)
 

@@ -47,12 +47,7 @@ N_CASES = 5  # 3 training cases (so steps wrap across epochs) + 2 validation cas
 UNUSED = ["encoder.aspp.branch5_conv.weight", "encoder.aspp.branch5_norm.weight"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cases() -> list[dict]:

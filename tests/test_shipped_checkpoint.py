@@ -24,12 +24,7 @@ EVAL_JSON = SHIPPED_CHECKPOINT.with_name(SHIPPED_CHECKPOINT.stem + "_eval.json")
 README = SHIPPED_CHECKPOINT.parent / "README.md"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1101,10 +1101,10 @@ row for its name). The explorer's **Dice for all 15 subsets** button draws the s
 the widget and frames the subset currently selected.
 """),
         code("""
-ex.show_heatmap()              # what the button does: fills the explorer's heatmap panel
+fig = ex.heatmap_plotly()      # the figure the explorer's "Dice for all 15 subsets" button draws
 table = state.all_subset_dice()
 assert table.shape == (15, 3) and np.all((table >= 0) & (table <= 1))
-ex.heatmap_figure              # ... and the same figure here
+fig
 """, "plotly"),
         md("""
 The tumour in 3-D: the prediction of the subset selected in the explorer is drawn as translucent
@@ -1113,9 +1113,9 @@ to show the truth, the prediction or both. The explorer's **Show 3D** button dra
 is selected at the time you click.
 """),
         code("""
-ex.show_3d()
-assert ex.view3d_figure is not None and len(ex.view3d_figure.data) > 0
-ex.view3d_figure
+fig3d = ex.view3d_plotly()     # the figure of the explorer's "Show 3D" button
+assert fig3d is not None and len(fig3d.data) > 0
+fig3d
 """, "plotly"),
         md("""
 ## 6. Any checkpoint, any case
