@@ -15,7 +15,7 @@ stream, and :func:`heldout_phantoms` checks that no test seed occurs in the trai
 
 Time budget. ``make demo`` (defaults, 2 CPU cores) = phantom generation + two trainings of the
 full small2d schedule (300 + 300 steps) + two 15-subset evaluations of :data:`DEMO_N_TEST` held-out
-cases, HD95 off: 5.4 minutes on 2 idle cores (measured), within the 10-minute budget. The report's
+cases, HD95 off: 4.8 minutes on 2 idle cores (measured), within the 10-minute budget. The report's
 setup section records the wall and CPU time of every phase.
 """
 from __future__ import annotations
