@@ -53,8 +53,8 @@ SHIPPED_CHECKPOINT = _REPO_ROOT / "checkpoints" / "lckd_small_phantom.pt"
 #: config "small2d", device a CPU): nothing -- its 300 + 300 steps fit the 10-minute budget. A
 #: slower machine can shorten it here or with ``train_overrides=dict(stage1_steps=..., ...)``.
 DEMO_CPU_OVERRIDES: dict = {}
-#: the shipped checkpoint's schedule: small2d trained 5x longer (1500 + 1500 steps, about 8 minutes
-#: on 2 idle cores) than the demo, to all-modality held-out Dice ET/TC/WT of about 0.79/0.91/0.90
+#: the shipped checkpoint's schedule: small2d trained 5x longer than the demo (1500 + 1500 steps, 6.3
+#: minutes on 2 idle cores), to all-modality held-out Dice ET/TC/WT 0.78/0.88/0.90 (checkpoints/README.md)
 SHIPPED_TRAIN_OVERRIDES = dict(stage1_steps=1500, stage2_steps=1500, elect_every=500)
 #: the subset used for the "missing T1ce" example slices: FLAIR + T1 + T2
 NO_T1CE = (True, True, False, True)
