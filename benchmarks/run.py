@@ -485,12 +485,6 @@ def eval_outputs_equal(e: dict) -> bool:
     return all(v <= tol for k, v in e.items() if "_maxdiff_vs_ref" in k)
 
 
-def decode_batched(model, enc, masks) -> torch.Tensor:
-    """n subsets of a (B, ...) encoding in ONE decoder call (``LCKDNet.decode_many``, what
-    ``predict_subsets`` does for the CPU configs) -> (n*B, 3, *S), subset-major."""
-    return model.decode_many(enc, masks).flatten(0, 1)
-
-
 def bench_decode(cfg: str, spatial, device, repeats: int, mem: Memory) -> dict:
     """One sliding window, all 15 subsets: encode + 15 decoder calls vs encode + one batched decoder
     call (``predict_subsets`` picks the faster per model size). Outputs compared."""
@@ -507,7 +501,7 @@ def bench_decode(cfg: str, spatial, device, repeats: int, mem: Memory) -> dict:
 
     @torch.no_grad()
     def batched():
-        return decode_batched(model, model.encode(x), SUBSETS)
+        return model.decode_many(model.encode(x), SUBSETS).flatten(0, 1)
 
     a, b = sequential(), batched()  # warm-up
     diff = (a - b).abs().max().item()

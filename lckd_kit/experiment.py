@@ -49,10 +49,6 @@ TEST_SEED, DEMO_N_TEST, TEST_PREFIX = 1000, 6, "PhantomTest"
 DEMO_GRID = 96
 #: the trained model shipped with the kit (made by :func:`train_shipped_checkpoint`)
 SHIPPED_CHECKPOINT = _REPO_ROOT / "checkpoints" / "lckd_small_phantom.pt"
-#: how ``make demo`` changes the small2d schedule on a CPU (``train_overrides="auto"``, the default,
-#: config "small2d", device a CPU): nothing -- its 300 + 300 steps fit the 10-minute budget. A
-#: slower machine can shorten it here or with ``train_overrides=dict(stage1_steps=..., ...)``.
-DEMO_CPU_OVERRIDES: dict = {}
 #: the shipped checkpoint's schedule: small2d trained 5x longer than the demo (1500 + 1500 steps, 6.3
 #: minutes on 2 idle cores), to all-modality held-out Dice ET/TC/WT 0.78/0.88/0.90 (checkpoints/README.md)
 SHIPPED_TRAIN_OVERRIDES = dict(stage1_steps=1500, stage2_steps=1500, elect_every=500)
@@ -469,7 +465,7 @@ def run_experiment(
     device: torch.device | str | None = None,
     progress: bool = True,
     grid: int = DEMO_GRID,
-    train_overrides: dict | str | None = "auto",
+    train_overrides: dict | None = None,
     checkpoint: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     hd95: bool = False,
@@ -480,9 +476,8 @@ def run_experiment(
         out_dir: report folder: ``report.md``, ``report.html`` (self-contained), ``figures/``,
             ``runs/{lckd,nokd}_seed<s>/`` (training run folders, each with ``eval/``).
         config: a ``train.TRAIN_CONFIGS`` name or a ``TrainConfig``; ``train_overrides`` changes
-            fields of it (e.g. ``{"stage1_steps": 100}``); ``"auto"`` applies
-            :data:`DEMO_CPU_OVERRIDES` when ``config == "small2d"`` runs on a CPU (the 10-minute
-            demo budget), nothing otherwise. The seed is set per run.
+            fields of it (e.g. ``{"stage1_steps": 100}`` on a slow laptop; small2d's own 300 + 300
+            steps fit the 10-minute demo budget on 2 cores). The seed is set per run.
         seeds: one run pair per seed; with several, tables show mean and std across seeds.
         n_cases: training + validation phantoms (default 24, the notebooks' set).
         n_test: held-out test phantoms (default :data:`DEMO_N_TEST`).
@@ -528,8 +523,6 @@ def run_experiment(
         return _quick_report(out, checkpoint or SHIPPED_CHECKPOINT, data, device, machine, phases, t_start, say,
                              progress)
 
-    if train_overrides == "auto":
-        train_overrides = DEMO_CPU_OVERRIDES if (config == "small2d" and device.type == "cpu") else None
     base_cfg = get_train_config(config, **(train_overrides or {}))
     runs = []
     for seed in seeds:
