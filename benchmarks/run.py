@@ -428,9 +428,8 @@ def bench_eval(cfg: str, image: torch.Tensor, roi, device, repeats: int, mem: Me
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
         model(w, SINGLES[0])  # fill the zero-response cache (once per window shape)
 
-        def enc_dec(subs):
-            enc = model.encode(w)
-            return [model.decode(enc, s) for s in subs]
+        def enc_dec(subs):  # predict_subsets' decoding (projected skips), whatever its chunk
+            return model.decode_many(model.encode(w), subs)
         wflops = {"shared15": count_flops(lambda: enc_dec(SUBSETS))[0],
                   "shared4": count_flops(lambda: enc_dec(SINGLES))[0]}
         per = {nv: [count_flops(lambda s=s: model(w, s, naive=nv))[0] for s in SUBSETS] for nv in (False, True)}
@@ -464,7 +463,7 @@ def bench_eval(cfg: str, image: torch.Tensor, roi, device, repeats: int, mem: Me
         out["flop_ratio15_vs_kit"] = wflops["kit15"] / wflops["shared15"]
         out["speedup4_vs_kit"] = out["kit4_s"] / out["shared4_s"]
         out["flop_ratio4_vs_kit"] = wflops["kit4"] / wflops["shared4"]
-    # cost structure: one encoder volume vs one decode, from the FLOP counts
+    # cost structure: one encoder volume vs one decode (its share of the skip projection included)
     out["encoder_flops_per_volume"] = (wflops["ref15"] - wflops["kit15"]) / (60 - 32)
     out["decode_flops"] = (wflops["shared15"] - 4 * out["encoder_flops_per_volume"]) / 15
     log(f"  15 subsets: shared {out['shared15_s']:.2f}s, per-subset kit {out.get('kit15_s', float('nan')):.2f}s, "
@@ -486,37 +485,45 @@ def eval_outputs_equal(e: dict) -> bool:
 
 
 def bench_decode(cfg: str, spatial, device, repeats: int, mem: Memory) -> dict:
-    """One sliding window, all 15 subsets: encode + 15 decoder calls vs encode + one batched decoder
-    call (``predict_subsets`` picks the faster per model size). Outputs compared."""
+    """One sliding window, all 15 subsets after one encode: 15 ``decode`` calls (the concatenated
+    skips go through each shortcut conv, once per subset) vs ``decode_many`` (each modality's skips
+    projected once) with 1 subset per decoder call, with ``predict_subsets``' chunk, and with all
+    15 in one call. Outputs compared."""
+    from lckd_kit.evaluate import DECODE_BATCH_ITEMS, DECODE_BATCH_ITEMS_LARGE, DECODE_BATCH_MAX_PARAMS
     torch.manual_seed(0)
     model = trained_like(build_model(cfg)).to(device).eval()
-    x = torch.randn(1, 4, *spatial, device=device)
-    shape = "1x4x" + "x".join(map(str, spatial))
-    log(f"decode what-if {cfg}: one window {shape}, 15 subsets")
+    batch = 16 if model.config.spatial_dims == 2 else 1  # predict_subsets' 2-D windows hold 16 slices
+    x = torch.randn(batch, 4, *spatial, device=device)
+    shape = f"{batch}x4x" + "x".join(map(str, spatial))
+    small = sum(p.numel() for p in model.parameters()) < DECODE_BATCH_MAX_PARAMS
+    chunk = max(1, (DECODE_BATCH_ITEMS if small else DECODE_BATCH_ITEMS_LARGE) // batch)
+    log(f"decode what-if {cfg}: one window {shape}, 15 subsets (predict_subsets' chunk: {chunk})")
+    with torch.no_grad():
+        enc = model.encode(x)  # decoding is what differs; the encoding is shared by all variants
 
     @torch.no_grad()
     def sequential():
-        enc = model.encode(x)
-        return torch.cat([model.decode(enc, s) for s in SUBSETS])
+        return torch.stack([model.decode(enc, s) for s in SUBSETS])
 
-    @torch.no_grad()
-    def batched():
-        return model.decode_many(model.encode(x), SUBSETS).flatten(0, 1)
+    def many(k):
+        return torch.no_grad()(lambda: model.decode_many(enc, SUBSETS, chunk=k))
 
-    a, b = sequential(), batched()  # warm-up
-    diff = (a - b).abs().max().item()
-    del a, b
-    res = run_interleaved({"sequential": sequential, "batched": batched}, repeats, device, mem)
-    out = dict(config=cfg, window=shape, logits_maxdiff=diff)
+    variants = {"sequential": sequential, "projected_1": many(1), "projected_chunk": many(chunk),
+                "projected_15": many(15)}
+    base = sequential()  # warm-up
+    diff = max((many(k)() - base).abs().max().item() for k in (1, chunk, 15))
+    del base
+    res = run_interleaved(variants, repeats, device, mem)
+    out = dict(config=cfg, window=shape, chunk=chunk, logits_maxdiff=diff)
     for n, r in res.items():
         out[f"{n}_s"] = med(r["times"])
         out[f"{n}_times"] = r["times"]
         out[f"{n}_peak_bytes"] = r["peak"]
         out[f"{n}_call_mem_bytes"] = r["grow"]
-    out["speedup"] = out["sequential_s"] / out["batched_s"]
-    log(f"  sequential {out['sequential_s']:.2f}s, batched {out['batched_s']:.2f}s -> {out['speedup']:.2f}x; "
-        f"max |logit diff| {diff:.1e}; memory growth {fmt_bytes(out['sequential_call_mem_bytes'])} -> "
-        f"{fmt_bytes(out['batched_call_mem_bytes'])}")
+    out["speedup"] = out["sequential_s"] / out["projected_chunk_s"]
+    log(f"  15 decode calls {out['sequential_s']:.3f}s; decode_many chunk 1 {out['projected_1_s']:.3f}s, "
+        f"chunk {chunk} {out['projected_chunk_s']:.3f}s, chunk 15 {out['projected_15_s']:.3f}s -> "
+        f"{out['speedup']:.2f}x; max |logit diff| {diff:.1e}")
     return out
 
 
@@ -844,12 +851,14 @@ def report(results: dict) -> None:
                   f"one decode {e['decode_flops'] / 1e9:.2f} GFLOP; peak shared15 {fmt_bytes(e['shared15_peak_bytes'])},"
                   f" ref15 {fmt_bytes(e['ref15_peak_bytes'])}")
     if results.get("decode"):
-        rows = [[d["config"], d["window"], f"{d['sequential_s']:.3f}", f"{d['batched_s']:.3f}", f"{d['speedup']:.2f}x",
+        rows = [[d["config"], d["window"], f"{d['sequential_s']:.3f}", f"{d['projected_1_s']:.3f}",
+                 f"{d['projected_chunk_s']:.3f} ({d['chunk']})", f"{d['projected_15_s']:.3f}", f"{d['speedup']:.2f}x",
                  f"{d['logits_maxdiff']:.1e}", fmt_bytes(d["sequential_call_mem_bytes"]),
-                 fmt_bytes(d["batched_call_mem_bytes"])] for d in results["decode"]]
-        print_table("one window, encode + 15 decoder calls vs one batched call (predict_subsets: models < 5M parameters, <= 16 items a call)",
-                    ["config", "window", "15 calls s", "1 batched call s", "speedup", "max |logit diff|",
-                     "mem growth 15 calls", "mem growth batched"], rows)
+                 fmt_bytes(d["projected_chunk_call_mem_bytes"])] for d in results["decode"] if "projected_1_s" in d]
+        print_table("one window, 15 subsets after one encode: 15 decode calls vs decode_many (skips projected once), "
+                    "1 / predict_subsets' chunk / 15 subsets per decoder call, seconds",
+                    ["config", "window", "15 decode calls", "chunk 1", "chunk (k)", "chunk 15", "speedup (k)",
+                     "max |logit diff|", "mem growth 15 calls", "mem growth chunk"], rows)
     if results.get("cpu"):
         rows = []
         pe = next((t for t in results.get("train") or [] if t["config"] == "paper"), None)
@@ -1059,7 +1068,8 @@ def main(argv=None):
                 save()
         if "decode" in sections and not past_deadline():
             results["decode"] = []
-            jobs = [("small", (32, 32, 32))] if args.quick else [("small", (64, 64, 64)), ("paper", (64, 64, 32))]
+            jobs = [("small", (32, 32, 32))] if args.quick else [("small", (64, 64, 64)), ("small2d", (96, 96)),
+                                                               ("paper", (64, 64, 32)), ("paper", (96, 96, 48))]
             if cuda and not args.quick:
                 jobs.append(("paper", (160, 160, 80)))
             for cfg, spatial in jobs:

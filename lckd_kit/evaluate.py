@@ -25,12 +25,15 @@ def _model_config(model):
     return getattr(model, "config", None) or model.module.config
 
 
-#: :func:`predict_subsets` decodes several subsets per decoder call for models smaller than this, up
-#: to DECODE_BATCH_ITEMS volumes or slices per call. Measured on 2 CPU cores: "small", one 64^3
-#: window, 15 subsets in one call 2.7-3.6x faster than 15 calls (benchmarks/run.py); "paper"
-#: 0.74-1.26x; small2d, whose 2-D windows already hold 16 slices, 2.5x SLOWER with 15 per call.
+#: :func:`predict_subsets` decodes the subsets of a window with ``LCKDNet.decode_many``, several per
+#: decoder call: up to DECODE_BATCH_ITEMS volumes or slices per call for models smaller than
+#: DECODE_BATCH_MAX_PARAMS, DECODE_BATCH_ITEMS_LARGE for larger ones. Measured on 2 CPU cores
+#: (benchmarks/run.py, decode what-if): "small", one 64^3 window, 3-15 subsets per call 5x faster
+#: than 1; small2d, whose 2-D windows already hold 16 slices, fastest one subset per call; "paper",
+#: 2 per call best at 96x96x48 (4 at 64x64x32, 1.0-1.1x apart).
 DECODE_BATCH_MAX_PARAMS = 5_000_000
 DECODE_BATCH_ITEMS = 16
+DECODE_BATCH_ITEMS_LARGE = 2
 
 
 @torch.no_grad()
@@ -68,10 +71,10 @@ def predict_subsets(
         crop_foreground: run only on the bounding box of the non-zero voxels (the skull-stripped
             brain) and return probability 0 outside it -- nnU-Net-style, 2-3x less work on
             BraTS-like data. The reference runs on the whole volume (``False``).
-        decode_batch: subsets decoded per decoder call (``LCKDNet.decode_many``). None: for models
-            under :data:`DECODE_BATCH_MAX_PARAMS` parameters (whose small tensors make separate
-            calls overhead-bound) as many as keep a call at :data:`DECODE_BATCH_ITEMS` volumes or
-            slices (3-D "small": all 15; 2-D windows of 16 slices: 1); one at a time otherwise.
+        decode_batch: subsets decoded per decoder call (``LCKDNet.decode_many``). None: as many as
+            keep a call at :data:`DECODE_BATCH_ITEMS` volumes or slices for models under
+            :data:`DECODE_BATCH_MAX_PARAMS` parameters (3-D "small": all 15; 2-D windows of 16
+            slices: 1), at :data:`DECODE_BATCH_ITEMS_LARGE` for larger ones ("paper": 2).
 
     Returns:
         ``(n_subsets, 3, X, Y, Z)`` float32 probabilities, channels ET, TC, WT.
@@ -112,13 +115,13 @@ def predict_subsets(
             window = window.permute(0, 4, 1, 2, 3).reshape(b * rz, 4, rx, ry)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             enc = model.encode(window)  # the expensive part, once per window
-            k = decode_batch or (max(1, DECODE_BATCH_ITEMS // window.shape[0]) if small_model else 1)
-            if k > 1 and hasattr(model, "decode_many"):
-                outs = [model.decode_many(enc, masks[i:i + k]).float()  # (k, b', 3, ...)
-                        for i in range(0, n, k)]
+            items = DECODE_BATCH_ITEMS if small_model else DECODE_BATCH_ITEMS_LARGE
+            k = decode_batch or max(1, items // window.shape[0])
+            if hasattr(model, "decode_many"):
+                out = model.decode_many(enc, masks, chunk=k).float()  # (n, b', 3, ...)
             else:  # any model with encode / decode
-                outs = [model.decode(enc, m.to(window.device)).float()[None] for m in masks]
-        out = torch.cat(outs).transpose(0, 1).flatten(1, 2)  # (b', 3n, ...), subset-major channels
+                out = torch.stack([model.decode(enc, m.to(window.device)).float() for m in masks])
+        out = out.transpose(0, 1).flatten(1, 2)  # (b', 3n, ...), subset-major channels
         if average == "probs":
             out = torch.sigmoid(out)
         if two_d:  # (b * k, 3n, rx, ry) -> (b, 3n, rx, ry, k)

@@ -166,13 +166,28 @@ def parameter_count(model: nn.Module, trainable_only: bool = False) -> int:
 
 class _WeightStd:
     """Weight standardisation: each filter is made zero-mean and divided by sqrt(unbiased var + 1e-12)
-    over (in, *k) before the convolution (as the reference ``Conv3d_wd``)."""
+    over (in, *k) before the convolution (as the reference ``Conv3d_wd``). Without autograd the
+    standardised weight is cached until the weight changes: inference pays for it once."""
+
+    _ws_cache = None
+
+    def effective_weight(self) -> torch.Tensor:
+        w = self.weight
+        key = (id(w), w._version, w.device, w.dtype)
+        if not torch.is_grad_enabled() and self._ws_cache is not None and self._ws_cache[0] == key:
+            return self._ws_cache[1]
+        flat = w.flatten(1)
+        flat = flat - flat.mean(1, keepdim=True)
+        # the unbiased variance of the centred filter, as a sum of squares: torch.var is ~3x slower
+        # on these shapes, and weight standardisation was a third of the paper forward (benchmarks)
+        var = flat.square().sum(1, keepdim=True) / (flat.shape[1] - 1)
+        out = (flat / torch.sqrt(var + 1e-12)).view_as(w)
+        if not torch.is_grad_enabled():
+            self._ws_cache = (key, out)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.flatten(1)
-        w = w - w.mean(1, keepdim=True)
-        w = w / torch.sqrt(w.var(1, keepdim=True) + 1e-12)
-        return self._conv_forward(x, w.view_as(self.weight), self.bias)
+        return self._conv_forward(x, self.effective_weight(), self.bias)
 
 
 class WSConv2d(_WeightStd, nn.Conv2d):
@@ -356,12 +371,31 @@ class Decoder(nn.Module):
             cin = w
         self.cls_conv = (nn.Conv3d if cfg.spatial_dims == 3 else nn.Conv2d)(cin, N_OUT, 1, bias=False)
 
-    def forward(self, x, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x, skips: Sequence[torch.Tensor], projected: bool = False) -> torch.Tensor:
+        """``projected=True``: ``skips[i]`` already hold shortcut_conv_i's convolution output
+        (B, w_i, *s_i) (``LCKDNet.decode_many``); only its norm and activation are applied here."""
         for i in (3, 2, 1, 0):
             x = getattr(self, f"transposeconv_stage{i}")(x)
-            x = x + getattr(self, f"shortcut_conv{i}")(skips[i])
+            shortcut = getattr(self, f"shortcut_conv{i}")
+            x = x + (shortcut[2](shortcut[1](skips[i])) if projected else shortcut(skips[i]))
             x = getattr(self, f"stage{i}_de")(x)
         return self.cls_conv(x)
+
+    def project_skips(self, skips: Sequence[torch.Tensor], zero_skips: Sequence[torch.Tensor]):
+        """Each shortcut conv is linear in its four modality blocks: conv([s_1..s_4]) = sum_m W_m s_m.
+        Apply each block once, so that any subset's shortcut input is a sum of four of these maps
+        instead of a fresh conv over 4c_i channels. skips (B, 4, c_i, *s_i), zero_skips (c_i, *s_i)
+        -> [(B, 4, w_i, *s_i)] per modality, [(4, w_i, *s_i)] for the zero input."""
+        ys, zs = [], []
+        for i, (s, z) in enumerate(zip(skips, zero_skips)):
+            conv = getattr(self, f"shortcut_conv{i}")[0]
+            w = conv.effective_weight() if hasattr(conv, "effective_weight") else conv.weight
+            w_out, c = w.shape[0], w.shape[1] // N_MOD
+            blocks = w.unflatten(1, (N_MOD, c)).transpose(0, 1).flatten(0, 1)  # (4 w_out, c, 1..): block m
+            conv_nd = F.conv3d if s.dim() == 6 else F.conv2d
+            ys.append(conv_nd(s.flatten(1, 2), blocks, groups=N_MOD).unflatten(1, (N_MOD, w_out)))
+            zs.append(conv_nd(z[None], blocks)[0].unflatten(0, (N_MOD, w_out)))
+        return ys, zs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,14 +569,16 @@ class LCKDNet(nn.Module):
 
     # -- fusion and decoder ----------------------------------------------------------------------
 
-    def _fuse_decode(self, feats: torch.Tensor, skips: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        """feats (B, 4, C, *b) + skips (B, 4, c_i, *s_i) whose missing slots are final -> logits (B, 3, *S)."""
+    def _fuse_decode(self, feats: torch.Tensor, skips: Sequence[torch.Tensor], mask: torch.Tensor,
+                     projected: bool = False) -> torch.Tensor:
+        """feats (B, 4, C, *b) + skips (B, 4, c_i, *s_i) whose missing slots are final -> logits (B, 3, *S).
+        ``projected``: skips are (B, w_i, *s_i) shortcut-conv outputs (see ``Decoder.project_skips``)."""
         B = feats.shape[0]
         m = mask.view(B, N_MOD, *[1] * (feats.dim() - 2))
         n_avail = m.sum(1, keepdim=True).clamp_min(1).to(feats.dtype)
         fill = torch.where(m, feats, 0.0).sum(1, keepdim=True) / n_avail  # mean of the available ones
         fused = torch.where(m, feats, fill).flatten(1, 2)  # (B, 4C, *b), modality-major channel blocks
-        logits = self.decoder(fused, [s.flatten(1, 2) for s in skips])
+        logits = self.decoder(fused, skips if projected else [s.flatten(1, 2) for s in skips], projected)
         if any(f != 1 for f in self.config.output_upsample):
             size = [n * f for n, f in zip(logits.shape[2:], self.config.output_upsample)]
             mode = "trilinear" if self.config.spatial_dims == 3 else "bilinear"
@@ -556,17 +592,33 @@ class LCKDNet(nn.Module):
         skips = [torch.where(mask.view(B, N_MOD, *[1] * (s.dim() - 2)), s, z) for s, z in zip(enc.skips, enc.zero_skips)]
         return self._fuse_decode(enc.bottleneck, skips, mask)
 
-    def decode_many(self, enc: Encoding, masks: Sequence) -> torch.Tensor:
-        """Logits ``(n, B, 3, *S)`` for ``n`` subsets (each a (4,) mask) from one Encoding, in ONE
-        decoder call on a batch of n*B. Equals ``decode`` per subset; faster when the decoder's
-        tensors are small (per-op overhead dominates: the CPU configs), slower and n times the
-        activation memory when they are large (benchmarks/run.py, decode what-if)."""
+    def decode_many(self, enc: Encoding, masks: Sequence, chunk: int | None = None) -> torch.Tensor:
+        """Logits ``(n, B, 3, *S)`` for ``n`` subsets (each a (4,) mask) from one Encoding; equals
+        ``decode`` per subset to float tolerance. Two savings over ``n`` decode calls:
+
+        - the decoder's shortcut convs are applied to each modality's skip maps once
+          (``Decoder.project_skips``), not once per subset (paper: 17 % of a decode's FLOPs);
+        - ``chunk`` subsets (default all) share one decoder call on a batch of chunk*B, which uses
+          the CPU better when the decoder's tensors are small, at chunk times the activation memory
+          (``evaluate.predict_subsets`` picks it; benchmarks/run.py, decode what-if)."""
         n, B = len(masks), enc.bottleneck.shape[0]
-        m = torch.stack([self._mask_tensor(a, 1, enc.bottleneck.device)[0] for a in masks]).repeat_interleave(B, 0)
-        rep = lambda t: t.unsqueeze(0).expand(n, *t.shape).flatten(0, 1)  # noqa: E731  (B, ...) -> (nB, ...)
-        skips = [torch.where(m.view(n * B, N_MOD, *[1] * (s.dim() - 2)), rep(s), z)
-                 for s, z in zip(enc.skips, enc.zero_skips)]
-        return self._fuse_decode(rep(enc.bottleneck), skips, m).unflatten(0, (n, B))
+        dev = enc.bottleneck.device
+        all_m = torch.stack([self._mask_tensor(a, 1, dev)[0] for a in masks])  # (n, 4)
+        ys, zs = self.decoder.project_skips(enc.skips, enc.zero_skips)
+        chunk = max(1, int(chunk or n))
+        rep = lambda t, k: t.unsqueeze(0).expand(k, *t.shape).flatten(0, 1)  # noqa: E731  (B, ...) -> (kB, ...)
+        outs = []
+        for start in range(0, n, chunk):
+            sub = all_m[start:start + chunk]
+            k = sub.shape[0]
+            pre = []  # each subset's shortcut input: the sum of its four blocks, zero response where missing
+            for y, z in zip(ys, zs):
+                avail = lambda j: sub[:, j].view(k, *[1] * (y.dim() - 1))  # noqa: E731  (k, 1, 1, 1, ...)
+                acc = sum(torch.where(avail(j), y[:, j].unsqueeze(0), z[j]) for j in range(N_MOD))
+                pre.append(acc.flatten(0, 1))  # (kB, w_i, *s_i)
+            m = sub.repeat_interleave(B, 0)
+            outs.append(self._fuse_decode(rep(enc.bottleneck, k), pre, m, projected=True).unflatten(0, (k, B)))
+        return torch.cat(outs)
 
     def forward(self, images: torch.Tensor, available, naive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 4, *S), available (4,) or (B, 4) -> (logits (B, 3, *S) in ET, TC, WT order,

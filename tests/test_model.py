@@ -1,6 +1,7 @@
 """LCKDNet: shapes, parameter count, missing-modality semantics, work sharing, reference weights."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -317,6 +318,32 @@ def test_encode_decode_equals_forward_all_subsets(small, training):
         mixed = [SUBSETS[2], SUBSETS[10]]
         torch.testing.assert_close(small.decode(enc, torch.tensor(mixed)), small(x, mixed)[0], rtol=1e-5, atol=1e-5)
     small.train()
+
+
+@pytest.mark.parametrize("name,spatial,weight_std", [("small", (32, 32, 16), True), ("small2d", (32, 32), True),
+                                                      ("small", (32, 32, 16), False)])
+def test_decode_many_equals_decode(name, spatial, weight_std):
+    """decode_many's per-modality shortcut projections and chunked decoder calls change only the
+    summation order: every subset's logits equal decode's, for batch 3 and any chunk size."""
+    torch.manual_seed(11)
+    model = build_model(dataclasses.replace(CONFIGS[name], weight_std=weight_std, roi_size=spatial))
+    _randomise_norms(model)
+    model.eval()
+    x = torch.randn(3, 4, *spatial)
+    with torch.no_grad():
+        enc = model.encode(x)
+        one_by_one = torch.stack([model.decode(enc, s) for s in SUBSETS])  # (15, 3, 3, *S)
+        assert one_by_one.abs().max() > 1  # not a degenerate all-zero output
+        for chunk in (None, 1, 4, 15):
+            many = model.decode_many(enc, SUBSETS, chunk=chunk)
+            assert many.shape == (15, 3, 3, *spatial)
+            torch.testing.assert_close(many, one_by_one, rtol=1e-4, atol=1e-4)
+        # the projection is linear: the zero response's blocks sum to the shortcut conv of 4 zero maps
+        ys, zs = model.decoder.project_skips(enc.skips, enc.zero_skips)
+        conv = model.decoder.shortcut_conv0[0]
+        full = conv(torch.cat([enc.skips[0][:, j] for j in range(4)], 1))
+        torch.testing.assert_close(ys[0].sum(1), full, rtol=1e-4, atol=1e-4)
+        assert zs[0].shape == (4, *ys[0].shape[2:])
 
 
 def test_eval_zero_response_cache_invalidated():
