@@ -167,15 +167,21 @@ def parameter_count(model: nn.Module, trainable_only: bool = False) -> int:
 class _WeightStd:
     """Weight standardisation: each filter is made zero-mean and divided by sqrt(unbiased var + 1e-12)
     over (in, *k) before the convolution (as the reference ``Conv3d_wd``). Without autograd the
-    standardised weight is cached until the weight changes: inference pays for it once."""
+    standardised weight is cached until the weight changes (in place, replaced, moved) or
+    ``train()``/``eval()`` is called: inference pays for it once."""
 
     _ws_cache = None
 
+    def train(self, mode: bool = True):
+        self._ws_cache = None  # also the reset point for edits through .data, which autograd does not count
+        return super().train(mode)
+
     def effective_weight(self) -> torch.Tensor:
         w = self.weight
-        key = (id(w), w._version, w.device, w.dtype)
-        if not torch.is_grad_enabled() and self._ws_cache is not None and self._ws_cache[0] == key:
-            return self._ws_cache[1]
+        key = (w._version, w.device, w.dtype)
+        hit = self._ws_cache is not None and self._ws_cache[0] is w and self._ws_cache[1] == key
+        if hit and not torch.is_grad_enabled():
+            return self._ws_cache[2]
         flat = w.flatten(1)
         flat = flat - flat.mean(1, keepdim=True)
         # the unbiased variance of the centred filter, as a sum of squares: torch.var is ~3x slower
@@ -183,7 +189,7 @@ class _WeightStd:
         var = flat.square().sum(1, keepdim=True) / (flat.shape[1] - 1)
         out = (flat / torch.sqrt(var + 1e-12)).view_as(w)
         if not torch.is_grad_enabled():
-            self._ws_cache = (key, out)
+            self._ws_cache = (w, key, out)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

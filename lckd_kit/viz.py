@@ -886,25 +886,52 @@ def plot_val_dice(records, ax=None, stage_labels: bool = False) -> Figure:
     return fig
 
 
+def _initial_teachers(records: list[Mapping], before: float) -> list[str]:
+    """The teacher set the step records report before step ``before`` (the initial teachers)."""
+    for r in _of_kind(records, "step"):
+        if r["step"] <= before and r.get("teachers"):
+            return [_modality_key(m) for m in r["teachers"]]
+    return []
+
+
 def plot_teacher_timeline(records, ax=None) -> Figure:
     """Who was teacher when: one strip per region, coloured by the modality elected for it.
 
     Each election holds until the next one (the last until the last logged step); election steps
-    are ticked. Uses records ``{"kind": "election", "step", "winners": {"ET": "t1ce", ...}}``.
+    are ticked. Before the first election every region is taught by the initial teachers (the
+    step records' ``teachers``, reference: FLAIR), drawn hatched. Uses records ``{"kind":
+    "election", "step", "winners": {"ET": "t1ce", ...}}`` and ``{"kind": "step", "teachers"}``.
     """
     records = _as_records(records)
     fig, ax = _axes(ax, (8, 1.9))
     elections = [r for r in _of_kind(records, "election") if isinstance(r.get("winners"), Mapping)]
     ax.set_title("Teacher timeline: modality elected for each region", fontsize=11, loc="left", fontweight="bold")
-    if not elections:
+    last = _last_step(records) or 0.0
+    first = float(elections[0]["step"]) if elections else float(last)
+    initial = _initial_teachers(records, first)
+    if not elections and not initial:
         _note(ax, "no elections yet")
         return fig
     starts = [float(e["step"]) for e in elections]
-    last = max(_last_step(records), starts[-1])
-    span = max(last - starts[0], 1.0)
-    ends = starts[1:] + [last if last > starts[-1] else starts[-1] + 0.04 * span]
-    total = max(ends[-1] - starts[0], 1.0)
+    last = max(last, *starts) if starts else last
+    origin = 0.0 if initial else starts[0]
+    span = max(last - origin, 1.0)
+    ends = starts[1:] + ([last if last > starts[-1] else starts[-1] + 0.04 * span] if starts else [])
+    total = max((ends[-1] if ends else last) - origin, 1.0)
+
+    def label(x0, x1, row, key, text):
+        if (x1 - x0) / total > 0.07:  # label only segments wide enough to hold the text
+            ax.text((x0 + x1) / 2, row, text, ha="center", va="center", fontsize=8,
+                    color=_text_color_on(mcolors.to_rgba(MODALITY_COLORS[key])), fontweight="bold")
+
     for row, name in enumerate(REGIONS):
+        if initial and first > 0:  # stacked when the initial set has several modalities
+            h = 0.76 / len(initial)
+            for j, key in enumerate(initial):
+                ax.broken_barh([(0.0, first)], (row - 0.38 + j * h, h), facecolors=MODALITY_COLORS[key],
+                               edgecolor="white", hatch="///", lw=0.8, alpha=0.6)
+            if len(initial) == 1:
+                label(0.0, first, row, initial[0], f"{DISPLAY_NAMES[initial[0]]} (initial)")
         for e, s0, s1 in zip(elections, starts, ends):
             mod = e["winners"].get(name)
             if mod is None:
@@ -912,17 +939,17 @@ def plot_teacher_timeline(records, ax=None) -> Figure:
             key = _modality_key(mod)
             ax.broken_barh([(s0, s1 - s0)], (row - 0.38, 0.76), facecolors=MODALITY_COLORS[key],
                            edgecolor="white", lw=0.8)
-            if (s1 - s0) / total > 0.07:  # label only segments wide enough to hold the text
-                ax.text((s0 + s1) / 2, row, DISPLAY_NAMES[key], ha="center", va="center", fontsize=8,
-                        color=_text_color_on(mcolors.to_rgba(MODALITY_COLORS[key])), fontweight="bold")
+            label(s0, s1, row, key, DISPLAY_NAMES[key])
     for s in starts:
         ax.plot([s], [-0.6], marker="v", color="#444444", ms=4, clip_on=False)
     ax.set_yticks(range(len(REGIONS)), REGIONS)
     _color_region_ticks(ax.get_yticklabels())
     ax.set_ylim(len(REGIONS) - 0.5, -0.7)
-    ax.set_xlabel("step  (▼ = election)")
+    ax.set_xlabel("step  (▼ = election)" if starts else "step  (no election yet)")
     mark_stages(ax, records, label=False)
     handles = [Patch(color=MODALITY_COLORS[m], label=DISPLAY_NAMES[m]) for m in MODALITIES]
+    if initial and first > 0:
+        handles.append(Patch(facecolor="white", edgecolor="#666666", hatch="///", label="initial teacher"))
     ax.legend(handles=handles, title="teacher", title_fontsize=9, **_OUTSIDE_LEGEND)
     return fig
 
@@ -942,7 +969,7 @@ def plot_history(records, smooth: float = 0.9, logy: bool = False, title: str | 
     plot_teacher_timeline(records, ax=axes[3])
     for ax in axes[:-1]:
         ax.set_xlabel("")
-    if not any(r.get("kind") == "election" for r in records):
+    if not any(r.get("kind") in ("election", "step") for r in records):
         axes[-1].set_xlabel("step")
     fig.suptitle(title or "LCKD training history", fontsize=13, fontweight="bold")
     return fig

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lckd_kit import REGIONS, SUBSETS, viz
+from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
 
 
@@ -236,7 +237,10 @@ def test_plot_history_full():
 
 def test_plot_history_partial_and_empty(tmp_path):
     fig = viz.plot_history(_history(elections=False, val=False))
-    assert "no elections yet" in _texts(fig) and "no validation yet" in _texts(fig)
+    # before any election the timeline shows the initial teacher the step records report
+    assert "no validation yet" in _texts(fig) and _texts(fig).count("FLAIR (initial)") == len(REGIONS)
+    assert "no election" in fig.axes[3].get_xlabel()
+    assert "no elections yet" in _texts(viz.plot_teacher_timeline([{"kind": "val", "step": 3, "dice": {}}]))
     fig = viz.plot_history([])
     assert "no training steps yet" in _texts(fig)
     # a JSON-lines path works too, with a half-written last line
@@ -244,6 +248,21 @@ def test_plot_history_partial_and_empty(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in _history(20)) + '\n{"kind": "st')
     assert len(viz.load_history(path)) == len(_history(20))
     assert isinstance(viz.plot_teacher_timeline(path), Figure)
+
+
+def test_teacher_timeline_draws_the_initial_teacher_before_the_first_election():
+    recs = [r for r in _history(60) if not (r["kind"] == "election" and r["step"] == 0)]  # first at 20
+    ax = viz.plot_teacher_timeline(recs).axes[0]
+    bars = [c for c in ax.collections if c.get_hatch()]  # hatched: the initial teacher, one per region
+    assert len(bars) == len(REGIONS)
+    for bar in bars:
+        (x0, y0), (x1, _) = bar.get_paths()[0].get_extents().get_points()
+        assert (x0, x1) == (0.0, 20.0)
+        np.testing.assert_allclose(bar.get_facecolor()[0][:3], mcolors.to_rgb(viz.MODALITY_COLORS["flair"]))
+    assert "initial teacher" in [t.get_text() for t in ax.get_legend().get_texts()]
+    # election segments follow: ET is T1ce from step 20 on
+    solid = [c for c in ax.collections if not c.get_hatch() and len(c.get_paths())]
+    assert min(c.get_paths()[0].get_extents().x0 for c in solid) == 20.0
 
 
 def test_individual_history_plots_on_given_axes():
