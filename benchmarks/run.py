@@ -366,6 +366,53 @@ def bench_train(cfg: str, batch: int, spatial, device, repeats: int, mem: Memory
     return summary
 
 
+def bench_alloc(cfg: str, batch: int, spatial, device, repeats: int, mem: Memory, sgd: bool = True) -> dict:
+    """The kit's all-modality training step with glibc's default malloc vs freed memory kept for
+    reuse (``cli.retain_freed_memory``, what the ``lckd-kit`` CLI does), toggled in this process
+    between the interleaved calls; minor page faults counted per step."""
+    from lckd_kit.cli import retain_freed_memory
+
+    torch.manual_seed(0)
+    model = trained_like(build_model(cfg)).to(device).train()
+    x, y = train_inputs(CONFIGS[cfg].spatial_dims, batch, spatial, device)
+    step = make_step(model, x, y, ALL_PRESENT, device, opt=make_optimizer(model, sgd))
+    shape = f"{batch}x4x" + "x".join(map(str, spatial))
+    faults = {"default": [], "retained": []}
+    log(f"alloc {cfg}: {shape}, glibc default vs retained freed memory")
+    if not retain_freed_memory(False):
+        log("  not glibc: skipped")
+        return dict(config=cfg, input=shape, error="not glibc")
+    step()  # warm-up
+    res = {}
+    for r in range(max(2, repeats)):
+        for on in ((False, True) if r % 2 == 0 else (True, False)):  # interleaved, alternating order
+            name = "retained" if on else "default"
+            retain_freed_memory(on)
+            step()  # untimed: in the retained mode the heap grows to the step's peak here
+            mem.reset()
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t, loss = timed(step, device)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+            entry = res.setdefault(name, {"times": [], "losses": [], "peak": 0})
+            entry["times"].append(t)
+            entry["losses"].append(loss)
+            entry["peak"] = max(entry["peak"], mem.peak() or 0)
+    retain_freed_memory(False)
+    out = dict(config=cfg, input=shape)
+    for name, r in res.items():
+        out[f"{name}_s"] = med(r["times"])
+        out[f"{name}_times"] = r["times"]
+        out[f"{name}_faults"] = int(med(faults[name]))
+        out[f"{name}_peak_bytes"] = r["peak"]
+    out["speedup"] = out["default_s"] / out["retained_s"]
+    out["loss_equal"] = all(loss_close(a, b, device) for a in res["default"]["losses"] for b in res["retained"]["losses"])
+    out["flops"] = count_flops(step)[0]
+    log(f"  default {out['default_s']:.3f}s ({out['default_faults']} page faults/step), retained "
+        f"{out['retained_s']:.3f}s ({out['retained_faults']}) -> {out['speedup']:.2f}x; loss equal {out['loss_equal']}")
+    del model
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # sliding-window evaluation: shared encoding vs per-subset passes
 
@@ -879,6 +926,20 @@ def report(results: dict) -> None:
         print_table("4-5. CPU configurations at their training crop/batch (kit step incl. SGD)",
                     ["config", "input", "step s (all 4)", "s / sample", "step s (mix)", "GFLOP/step", "GFLOP/s",
                      "of matmul", "of paper GFLOP/s", "peak"], rows)
+    if results.get("alloc"):
+        mm = results.get("matmul_flops_per_s")
+        paper = next((a for a in results["alloc"] if a["config"] == "paper" and "error" not in a), None)
+        rows = []
+        for a in [a for a in results["alloc"] if "error" not in a]:
+            rate = {k: a["flops"] / a[f"{k}_s"] for k in ("default", "retained")}
+            rows.append([a["config"], a["input"], f"{a['default_s']:.3f}", f"{a['retained_s']:.3f}", f"{a['speedup']:.2f}x",
+                         f"{a['default_faults']}", f"{a['retained_faults']}", f"{rate['retained'] / 1e9:.1f}",
+                         f"{rate['default'] / mm:.1%} -> {rate['retained'] / mm:.1%}" if mm else "-",
+                         f"{rate['retained'] / (paper['flops'] / paper['retained_s']):.1%}" if paper else "-",
+                         str(a["loss_equal"])])
+        print_table("glibc malloc: default vs freed memory retained (what the lckd-kit CLI sets), training step, seconds",
+                    ["config", "input", "default s", "retained s", "speedup", "page faults (default)",
+                     "page faults (retained)", "GFLOP/s retained", "of matmul", "of paper GFLOP/s", "same loss"], rows)
     if results.get("profile"):
         for p in results["profile"]:
             print(f"\nprofile {p['config']} {p['input']}: stock step {p['stock_s']:.3f}s, weight standardisation "
@@ -919,7 +980,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available with --gpu-quick, else cpu)")
     p.add_argument("--sections", nargs="+", default=None,
-                   choices=["train", "eval", "decode", "cpu", "profile", "gpu", "compile"],
+                   choices=["train", "eval", "decode", "cpu", "alloc", "profile", "gpu", "compile"],
                    help="gpu = precision/layout variants, compile = torch.compile (both CUDA by default)")
     p.add_argument("--profile-configs", nargs="+", default=["small", "small2d"], choices=["small", "small2d", "paper"],
                    help="configs the profile section profiles (paper: 1x4x48x96x96 on CPU; minutes)")
@@ -957,7 +1018,7 @@ def main(argv=None):
     elif cuda:
         sections = ["train", "eval", "decode", "cpu", "gpu", "compile"]
     else:
-        sections = ["train", "eval", "decode", "cpu", "profile"]
+        sections = ["train", "eval", "decode", "cpu", "alloc", "profile"]
     sgd = not args.no_sgd
     mem = Memory(device)
     dev_name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
@@ -1089,6 +1150,17 @@ def main(argv=None):
                     batch = max(2, batch // 4)
                 results["cpu"].append(bench_train(cfg, batch, spatial, device, repeats, mem, sgd=sgd))
                 sample_matmul(results["cpu"][-1])
+                save()
+        if "alloc" in sections and not cuda and not past_deadline():
+            results["alloc"] = []
+            jobs = [("small", 2, (32, 32, 32))] if args.quick else [
+                ("paper", 1, (96, 96, 48)),
+                *[(c, TRAIN_CONFIGS[c].batch_size, tuple(TRAIN_CONFIGS[c].roi_size)) for c in ("small", "small2d")]]
+            for cfg, batch, spatial in jobs:
+                if past_deadline():
+                    break
+                results["alloc"].append(bench_alloc(cfg, batch, spatial, device, repeats, mem, sgd=sgd))
+                sample_matmul(results["alloc"][-1])
                 save()
         if "compile" in sections:
             if math.isfinite(_DEADLINE) and _DEADLINE - time.perf_counter() < 120:
