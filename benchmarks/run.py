@@ -20,8 +20,16 @@ eval     15-subset sliding-window evaluation of one case: ``predict_subsets`` (e
          once, every subset decoded) vs 15 separate sliding-window passes with ``model(x, mask)``
          (the kit's per-subset forward) and with ``naive=True`` (the reference's). Outputs compared.
          Election (the 4 single-modality subsets) shared vs per-subset comes from the same run.
+decode   one window's 15 subsets after one encode: 15 ``decode`` calls vs ``decode_many`` (each
+         modality's skips projected through the shortcut convs once) at 1, predict_subsets' and 15
+         subsets per decoder call.
 cpu      the CPU configurations (small, small2d) at their TRAIN_CONFIGS crop/batch: step time, time
          per training sample, FLOP/s relative to the paper config's.
+kernels  (CPU) one training step with oneDNN's verbose log: time in the convolution kernels (and
+         their FLOP rate), in oneDNN's layout conversions (reorders), and in everything else.
+alloc    (CPU) the training step with glibc's default malloc vs freed memory retained
+         (``cli.retain_freed_memory``, what the lckd-kit CLI does), each measured in a fresh process:
+         time, page faults per step, peak RSS.
 profile  torch.profiler of the small configs' step (self time by op category, top ops), the cost of
          weight standardisation, and drop-in what-ifs timed against the stock step (torch's own
          InstanceNorm kernels instead of the kit's GroupNorm-based one, channels-last memory format,
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -298,7 +307,7 @@ def bench_train(cfg: str, batch: int, spatial, device, repeats: int, mem: Memory
     torch.manual_seed(0)
     model = trained_like(build_model(cfg)).to(device).train()
     opt = make_optimizer(model, sgd)
-    x, y = train_inputs(CONFIGS[cfg].spatial_dims, batch, spatial, device)
+    x, y = train_inputs(model.config.spatial_dims, batch, spatial, device)
     draws, weights = mix_draws()
     shape = f"{batch}x4x" + "x".join(map(str, spatial))
     log(f"train {label}: {shape}, mix subsets {[subset_name(d) for d in draws]}, P(k) {weights}")
@@ -366,49 +375,144 @@ def bench_train(cfg: str, batch: int, spatial, device, repeats: int, mem: Memory
     return summary
 
 
-def bench_alloc(cfg: str, batch: int, spatial, device, repeats: int, mem: Memory, sgd: bool = True) -> dict:
+def bench_alloc(cfg: str, batch: int, spatial, device, repeats: int, sgd: bool = True) -> dict:
     """The kit's all-modality training step with glibc's default malloc vs freed memory kept for
-    reuse (``cli.retain_freed_memory``, what the ``lckd-kit`` CLI does), toggled in this process
-    between the interleaved calls; minor page faults counted per step."""
+    reuse (``cli.retain_freed_memory``, what the lckd-kit CLI does). malloc's state is per process
+    and sticky (a grown heap, glibc's adaptive mmap threshold), so every measurement is a fresh
+    process: ``repeats`` pairs, alternating order, each running 3 warm-up + 5 timed steps."""
+    shape = f"{batch}x4x" + "x".join(map(str, spatial))
+    log(f"alloc {cfg}: {shape}, glibc default vs retained freed memory, one process per measurement")
+    runs = {"default": [], "retained": []}
+    for r in range(max(1, repeats)):
+        for name in (("default", "retained") if r % 2 == 0 else ("retained", "default")):
+            got = _alloc_child_run(cfg, batch, spatial, name == "retained", sgd)
+            if got is None:
+                return dict(config=cfg, input=shape, error="child failed")
+            if not got["applied"]:
+                log("  not glibc: skipped")
+                return dict(config=cfg, input=shape, error="not glibc")
+            runs[name].append(got)
+    out = dict(config=cfg, input=shape, runs=runs)
+    for name, rs in runs.items():
+        out[f"{name}_s"] = med([x["step_s"] for x in rs])
+        out[f"{name}_faults"] = int(med([x["faults_per_step"] for x in rs]))
+        out[f"{name}_process_peak_bytes"] = max(x["peak_bytes"] for x in rs)
+        out[f"{name}_losses"] = [x["loss"] for x in rs]
+    out["flops"] = runs["default"][0]["flops"]
+    out["speedup"] = out["default_s"] / out["retained_s"]
+    out["loss_equal"] = all(loss_close(a, b, device) for a in out["default_losses"] for b in out["retained_losses"])
+    log(f"  default {out['default_s']:.3f}s ({out['default_faults']} page faults/step), retained "
+        f"{out['retained_s']:.3f}s ({out['retained_faults']}) -> {out['speedup']:.2f}x; loss equal {out['loss_equal']}; "
+        f"peak RSS {fmt_bytes(out['default_process_peak_bytes'])} -> {fmt_bytes(out['retained_process_peak_bytes'])}")
+    return out
+
+
+def _alloc_child_run(cfg, batch, spatial, retained: bool, sgd: bool) -> dict | None:
+    import subprocess
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import run; "
+            f"run._alloc_child({cfg!r}, {batch}, {tuple(spatial)!r}, {retained}, {sgd}, {torch.get_num_threads()})")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        return json.loads(res.stdout.strip().splitlines()[-1])
+    except (subprocess.CalledProcessError, ValueError, IndexError) as exc:
+        log(f"  child failed: {exc}")
+        return None
+
+
+def _libc():
+    import ctypes
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _alloc_child(cfg, batch, spatial, retained, sgd, threads):
+    """(subprocess) 3 warm-up + 5 timed training steps; prints one JSON line."""
     from lckd_kit.cli import retain_freed_memory
+
+    torch.set_num_threads(threads)
+    # default: no mallopt call at all (setting any value would switch off glibc's adaptive threshold)
+    applied = retain_freed_memory() if retained else hasattr(_libc(), "mallopt")
+    torch.manual_seed(0)
+    model = trained_like(build_model(cfg)).train()
+    x, y = train_inputs(CONFIGS[cfg].spatial_dims, batch, spatial, torch.device("cpu"))
+    step = make_step(model, x, y, ALL_PRESENT, torch.device("cpu"), opt=make_optimizer(model, sgd))
+    flops = count_flops(step)[0]
+    for _ in range(3):  # glibc adapts its mmap threshold to the sizes freed in the first steps
+        step()
+    times, faults = [], []
+    for _ in range(5):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t, loss = timed(step, torch.device("cpu"))
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        times.append(t)
+    print(json.dumps(dict(applied=applied, step_s=med(times), times=times, faults_per_step=med(faults), loss=loss,
+                          flops=flops, peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+
+
+def onednn_breakdown(step) -> dict:
+    """Run ``step`` once with oneDNN's verbose log on (fd 1 captured to a file) and add up the
+    primitives' own execution times (ms, the log's last field) by kind: what the convolution
+    kernels cost vs the layout conversions ("reorder") torch runs around them."""
+    import tempfile
+
+    with tempfile.TemporaryFile(mode="w+") as log_file:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(log_file.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                start = time.perf_counter()
+                step()
+                wall = time.perf_counter() - start
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        log_file.seek(0)
+        kinds: dict[str, float] = {}
+        for line in log_file:
+            f = line.strip().split(",")
+            if len(f) > 6 and f[0] == "onednn_verbose" and f[3] == "exec":
+                try:
+                    kinds[f[5]] = kinds.get(f[5], 0.0) + float(f[-1]) / 1e3
+                except ValueError:
+                    pass
+    return dict(wall_s=wall, primitive_s=kinds)
+
+
+def bench_kernels(cfg: str, batch: int, spatial, device, sgd: bool = True) -> dict:
+    """Where a CPU training step's time goes: oneDNN convolution kernels (and their FLOP rate),
+    oneDNN reorders, and everything else (norms, activations, adds, pooling, optimiser, Python)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
     model = trained_like(build_model(cfg)).to(device).train()
     x, y = train_inputs(CONFIGS[cfg].spatial_dims, batch, spatial, device)
     step = make_step(model, x, y, ALL_PRESENT, device, opt=make_optimizer(model, sgd))
     shape = f"{batch}x4x" + "x".join(map(str, spatial))
-    faults = {"default": [], "retained": []}
-    log(f"alloc {cfg}: {shape}, glibc default vs retained freed memory")
-    if not retain_freed_memory(False):
-        log("  not glibc: skipped")
-        return dict(config=cfg, input=shape, error="not glibc")
-    step()  # warm-up
-    res = {}
-    for r in range(max(2, repeats)):
-        for on in ((False, True) if r % 2 == 0 else (True, False)):  # interleaved, alternating order
-            name = "retained" if on else "default"
-            retain_freed_memory(on)
-            step()  # untimed: in the retained mode the heap grows to the step's peak here
-            mem.reset()
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            t, loss = timed(step, device)
-            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-            entry = res.setdefault(name, {"times": [], "losses": [], "peak": 0})
-            entry["times"].append(t)
-            entry["losses"].append(loss)
-            entry["peak"] = max(entry["peak"], mem.peak() or 0)
-    retain_freed_memory(False)
-    out = dict(config=cfg, input=shape)
-    for name, r in res.items():
-        out[f"{name}_s"] = med(r["times"])
-        out[f"{name}_times"] = r["times"]
-        out[f"{name}_faults"] = int(med(faults[name]))
-        out[f"{name}_peak_bytes"] = r["peak"]
-    out["speedup"] = out["default_s"] / out["retained_s"]
-    out["loss_equal"] = all(loss_close(a, b, device) for a in res["default"]["losses"] for b in res["retained"]["losses"])
-    out["flops"] = count_flops(step)[0]
-    log(f"  default {out['default_s']:.3f}s ({out['default_faults']} page faults/step), retained "
-        f"{out['retained_s']:.3f}s ({out['retained_faults']}) -> {out['speedup']:.2f}x; loss equal {out['loss_equal']}")
+    log(f"kernels {cfg}: {shape}, one step with oneDNN verbose")
+    step()
+    step()
+    fc = FlopCounterMode(display=False)
+    with fc:
+        step()
+    conv_ops = ("convolution", "convolution_backward")
+    counts = fc.get_flop_counts().get("Global", {})
+    conv_flops = sum(v for k, v in counts.items() if any(str(k).endswith(c) or f".{c}." in str(k) for c in conv_ops))
+    plain = med([timed(step, device)[0] for _ in range(3)])
+    b = onednn_breakdown(step)
+    prim = b["primitive_s"]
+    conv_s = prim.get("convolution", 0.0) + prim.get("deconvolution", 0.0)
+    out = dict(config=cfg, input=shape, step_s=plain, verbose_wall_s=b["wall_s"], primitive_s=prim,
+               conv_s=conv_s, reorder_s=prim.get("reorder", 0.0), conv_flops=conv_flops,
+               total_flops=fc.get_total_flops())
+    out["other_s"] = max(plain - conv_s - out["reorder_s"], 0.0)
+    out["conv_flops_per_s"] = conv_flops / conv_s if conv_s else None
+    log(f"  step {plain:.3f}s: conv kernels {conv_s:.3f}s ({conv_flops / 1e9:.0f} GFLOP -> "
+        f"{(out['conv_flops_per_s'] or 0) / 1e9:.0f} GFLOP/s), reorders {out['reorder_s']:.3f}s, rest {out['other_s']:.3f}s")
     del model
     return out
 
@@ -936,10 +1040,25 @@ def report(results: dict) -> None:
                          f"{a['default_faults']}", f"{a['retained_faults']}", f"{rate['retained'] / 1e9:.1f}",
                          f"{rate['default'] / mm:.1%} -> {rate['retained'] / mm:.1%}" if mm else "-",
                          f"{rate['retained'] / (paper['flops'] / paper['retained_s']):.1%}" if paper else "-",
+                         f"{fmt_bytes(a.get('default_process_peak_bytes'))} -> {fmt_bytes(a.get('retained_process_peak_bytes'))}",
                          str(a["loss_equal"])])
-        print_table("glibc malloc: default vs freed memory retained (what the lckd-kit CLI sets), training step, seconds",
+        print_table("glibc malloc: default vs freed memory retained (what the lckd-kit CLI sets), training step, "
+                    "one fresh process per measurement, seconds",
                     ["config", "input", "default s", "retained s", "speedup", "page faults (default)",
-                     "page faults (retained)", "GFLOP/s retained", "of matmul", "of paper GFLOP/s", "same loss"], rows)
+                     "page faults (retained)", "GFLOP/s retained", "of matmul", "of paper GFLOP/s",
+                     "peak RSS (own process)", "same loss"], rows)
+    if results.get("kernels"):
+        mm = results.get("matmul_flops_per_s")
+        rows = []
+        for k in results["kernels"]:
+            share = lambda v: f"{v:.3f} ({v / k['step_s']:.0%})"  # noqa: E731
+            rate = k.get("conv_flops_per_s") or 0
+            rows.append([k["config"], k["input"], f"{k['step_s']:.3f}", share(k["conv_s"]), share(k["reorder_s"]),
+                         share(k["other_s"]), f"{k['conv_flops'] / 1e9:.1f}", f"{rate / 1e9:.0f}",
+                         f"{rate / mm:.0%}" if mm else "-", f"{k['total_flops'] / k['step_s'] / mm:.0%}" if mm else "-"])
+        print_table("where a CPU training step's time goes (oneDNN verbose, one step; glibc default malloc), seconds",
+                    ["config", "input", "step s", "conv kernels", "reorders", "rest", "conv GFLOP",
+                     "conv kernel GFLOP/s", "kernels of matmul", "step of matmul"], rows)
     if results.get("profile"):
         for p in results["profile"]:
             print(f"\nprofile {p['config']} {p['input']}: stock step {p['stock_s']:.3f}s, weight standardisation "
@@ -980,7 +1099,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available with --gpu-quick, else cpu)")
     p.add_argument("--sections", nargs="+", default=None,
-                   choices=["train", "eval", "decode", "cpu", "alloc", "profile", "gpu", "compile"],
+                   choices=["train", "eval", "decode", "cpu", "alloc", "kernels", "profile", "gpu", "compile"],
                    help="gpu = precision/layout variants, compile = torch.compile (both CUDA by default)")
     p.add_argument("--profile-configs", nargs="+", default=["small", "small2d"], choices=["small", "small2d", "paper"],
                    help="configs the profile section profiles (paper: 1x4x48x96x96 on CPU; minutes)")
@@ -1018,7 +1137,7 @@ def main(argv=None):
     elif cuda:
         sections = ["train", "eval", "decode", "cpu", "gpu", "compile"]
     else:
-        sections = ["train", "eval", "decode", "cpu", "alloc", "profile"]
+        sections = ["train", "eval", "decode", "cpu", "alloc", "kernels", "profile"]
     sgd = not args.no_sgd
     mem = Memory(device)
     dev_name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
@@ -1151,6 +1270,22 @@ def main(argv=None):
                 results["cpu"].append(bench_train(cfg, batch, spatial, device, repeats, mem, sgd=sgd))
                 sample_matmul(results["cpu"][-1])
                 save()
+            if not args.quick:  # what-ifs: is it the widths or the batch that keeps small2d's FLOP rate low?
+                tc = TRAIN_CONFIGS["small2d"]
+                base = CONFIGS["small2d"]
+                wide = dataclasses.replace(base, name="small2d-wide", stem_width=2 * base.stem_width,
+                                           planes=tuple(2 * p for p in base.planes),
+                                           bottleneck_width=2 * base.bottleneck_width,
+                                           decoder_widths=tuple(2 * w for w in base.decoder_widths))
+                for cfg, batch, label in ((wide, tc.batch_size, "small2d x2 widths"),
+                                          ("small2d", 4 * tc.batch_size, "small2d x4 batch")):
+                    if past_deadline():
+                        break
+                    r = bench_train(cfg, batch, tuple(tc.roi_size), device, repeats, mem, sgd=sgd, naive=False,
+                                    label=label)
+                    r["what_if"] = True
+                    results["cpu"].append(r)
+                    save()
         if "alloc" in sections and not cuda and not past_deadline():
             results["alloc"] = []
             jobs = [("small", 2, (32, 32, 32))] if args.quick else [
@@ -1159,8 +1294,18 @@ def main(argv=None):
             for cfg, batch, spatial in jobs:
                 if past_deadline():
                     break
-                results["alloc"].append(bench_alloc(cfg, batch, spatial, device, repeats, mem, sgd=sgd))
+                results["alloc"].append(bench_alloc(cfg, batch, spatial, device, repeats, sgd=sgd))
                 sample_matmul(results["alloc"][-1])
+                save()
+        if "kernels" in sections and not cuda and not past_deadline():
+            results["kernels"] = []
+            jobs = [("small", 2, (32, 32, 32))] if args.quick else [
+                ("paper", 1, (96, 96, 48)),
+                *[(c, TRAIN_CONFIGS[c].batch_size, tuple(TRAIN_CONFIGS[c].roi_size)) for c in ("small", "small2d")]]
+            for cfg, batch, spatial in jobs:
+                if past_deadline():
+                    break
+                results["kernels"].append(bench_kernels(cfg, batch, spatial, device, sgd=sgd))
                 save()
         if "compile" in sections:
             if math.isfinite(_DEADLINE) and _DEADLINE - time.perf_counter() < 120:

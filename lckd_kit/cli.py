@@ -27,31 +27,27 @@ from lckd_kit import as_mask, subset_name
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
-_GLIBC_MMAP_MAX, _GLIBC_TRIM_THRESHOLD = 65536, 128 * 1024  # glibc's defaults
 
 
-def retain_freed_memory(on: bool = True) -> bool:
+def retain_freed_memory() -> bool:
     """Let this process reuse the memory it frees instead of handing it back to the OS (glibc only;
     returns False, changing nothing, elsewhere).
 
-    glibc serves every allocation above 32 MB with fresh pages from mmap and unmaps them on free, so
-    every large activation (a paper-size stem map is 113 MB) pays page faults and kernel zeroing
-    again, step after step. With mmap and trimming off, freed blocks are reused: on 2 CPU cores the
-    paper training step is 1.2-1.3x faster, "small" ~1.1x, small2d unchanged (benchmarks/run.py,
-    ``alloc`` section). The cost: the process keeps its peak memory until it exits, which is why
-    the library never does this by itself. ``on=False`` restores glibc's default values."""
+    glibc serves every allocation above its mmap threshold (adaptive, at most 32 MB) with fresh pages
+    from mmap and unmaps them on free, so every large activation (a paper-size stem map is 113 MB)
+    pays page faults and kernel zeroing again, step after step. With mmap and trimming off, freed
+    blocks are reused: the paper training step on 2 CPU cores is ~1.2x faster, the CPU configs
+    a few percent (benchmarks/run.py, ``alloc`` section). The cost: the process keeps its peak
+    memory (and some fragmentation) until it exits, which is why the library never does this by
+    itself; the CLI does, for its own process. There is no undo: glibc's adaptive defaults cannot
+    be restored once set."""
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (musl, ...)
         return False
-    ok = mallopt(_M_MMAP_MAX, 0 if on else _GLIBC_MMAP_MAX) == 1
-    ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1 if on else _GLIBC_TRIM_THRESHOLD) == 1
-    if not on:
-        libc.malloc_trim(0)
-    return bool(ok)
+    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
 
 
 def _user_tuned_malloc(environ=os.environ) -> bool:
