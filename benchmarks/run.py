@@ -448,8 +448,11 @@ def _alloc_child(cfg, batch, spatial, retained, sgd, threads):
         t, loss = timed(step, torch.device("cpu"))
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         times.append(t)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over execve, so a child would report its parent's peak
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
     print(json.dumps(dict(applied=applied, step_s=med(times), times=times, faults_per_step=med(faults), loss=loss,
-                          flops=flops, peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+                          flops=flops, peak_bytes=peak)))
 
 
 def onednn_breakdown(step) -> dict:
@@ -1286,26 +1289,20 @@ def main(argv=None):
                     r["what_if"] = True
                     results["cpu"].append(r)
                     save()
-        if "alloc" in sections and not cuda and not past_deadline():
-            results["alloc"] = []
-            jobs = [("small", 2, (32, 32, 32))] if args.quick else [
-                ("paper", 1, (96, 96, 48)),
-                *[(c, TRAIN_CONFIGS[c].batch_size, tuple(TRAIN_CONFIGS[c].roi_size)) for c in ("small", "small2d")]]
-            for cfg, batch, spatial in jobs:
+        # CPU step diagnostics, at each config's training size (paper: the train section's CPU crop)
+        step_jobs = [("small", 2, (32, 32, 32))] if args.quick else [
+            ("paper", 1, (96, 96, 48)),
+            *[(c, TRAIN_CONFIGS[c].batch_size, tuple(TRAIN_CONFIGS[c].roi_size)) for c in ("small", "small2d")]]
+        for name, bench in (("alloc", lambda c, b, sp: bench_alloc(c, b, sp, device, repeats, sgd=sgd)),
+                            ("kernels", lambda c, b, sp: bench_kernels(c, b, sp, device, sgd=sgd))):
+            if name not in sections or cuda or past_deadline():
+                continue
+            results[name] = []
+            for cfg, batch, spatial in step_jobs:
                 if past_deadline():
                     break
-                results["alloc"].append(bench_alloc(cfg, batch, spatial, device, repeats, sgd=sgd))
-                sample_matmul(results["alloc"][-1])
-                save()
-        if "kernels" in sections and not cuda and not past_deadline():
-            results["kernels"] = []
-            jobs = [("small", 2, (32, 32, 32))] if args.quick else [
-                ("paper", 1, (96, 96, 48)),
-                *[(c, TRAIN_CONFIGS[c].batch_size, tuple(TRAIN_CONFIGS[c].roi_size)) for c in ("small", "small2d")]]
-            for cfg, batch, spatial in jobs:
-                if past_deadline():
-                    break
-                results["kernels"].append(bench_kernels(cfg, batch, spatial, device, sgd=sgd))
+                results[name].append(bench(cfg, batch, spatial))
+                sample_matmul(results[name][-1])
                 save()
         if "compile" in sections:
             if math.isfinite(_DEADLINE) and _DEADLINE - time.perf_counter() < 120:

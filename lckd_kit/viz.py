@@ -747,7 +747,11 @@ def _last_step(records: list[Mapping]) -> float | None:
 
 def _stage2_start(records: list[Mapping]) -> float | None:
     s2 = [r["step"] for r in records if r.get("kind") == "step" and r.get("stage") == 2]
-    return min(s2) if s2 else None
+    if not s2:
+        return None
+    # a record's step counts the steps done, so the last stage-1 record marks the boundary itself
+    s1 = [r["step"] for r in records if r.get("kind") == "step" and r.get("stage") == 1 and r["step"] < min(s2)]
+    return max(s1) if s1 else min(s2)
 
 
 def mark_stages(ax, records, label: bool = True) -> None:

@@ -265,6 +265,14 @@ def test_teacher_timeline_draws_the_initial_teacher_before_the_first_election():
     assert min(c.get_paths()[0].get_extents().x0 for c in solid) == 20.0
 
 
+def test_stage_boundary_is_the_last_stage1_record():
+    # train logs {"step": steps done, "stage": stage of the last of them}: 300 done ends stage 1
+    recs = [{"kind": "step", "step": s, "stage": 1 if s <= 300 else 2, "loss": 1.0} for s in range(10, 610, 10)]
+    assert viz._stage2_start(recs) == 300
+    assert viz._stage2_start([r for r in recs if r["stage"] == 2]) == 310  # resumed in stage 2
+    assert viz._stage2_start(recs[:30]) is None
+
+
 def test_individual_history_plots_on_given_axes():
     fig = Figure()
     axes = fig.subplots(3)
