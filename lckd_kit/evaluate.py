@@ -28,9 +28,10 @@ def _model_config(model):
 #: :func:`predict_subsets` decodes the subsets of a window with ``LCKDNet.decode_many``, several per
 #: decoder call: up to DECODE_BATCH_ITEMS volumes or slices per call for models smaller than
 #: DECODE_BATCH_MAX_PARAMS, DECODE_BATCH_ITEMS_LARGE for larger ones. Measured on 2 CPU cores
-#: (benchmarks/run.py, decode what-if): "small", one 64^3 window, 3-15 subsets per call 5x faster
-#: than 1; small2d, whose 2-D windows already hold 16 slices, fastest one subset per call; "paper",
-#: 2 per call best at 96x96x48 (4 at 64x64x32, 1.0-1.1x apart).
+#: (benchmarks/run.py, decode what-if): "small", one 64^3 window, 15 subsets in one call ~4x faster
+#: than one at a time; small2d, whose 2-D windows already hold 16 slices, fastest one subset per
+#: call; "paper", 2 per call fastest at 96x96x48 (all 15 in one call 1.7x slower there, 1.1x faster
+#: at 64x64x32), so 2 is the safe choice for large windows.
 DECODE_BATCH_MAX_PARAMS = 5_000_000
 DECODE_BATCH_ITEMS = 16
 DECODE_BATCH_ITEMS_LARGE = 2
