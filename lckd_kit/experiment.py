@@ -548,7 +548,8 @@ def run_experiment(
 
     t = time.perf_counter()
     data["cpu_start"] = cpu_start
-    report = _full_report(out, runs, base_cfg, data, device, machine, phases, t_start)
+    command = _rerun_command(out, config, seeds, n_cases, n_test, grid, train_overrides)
+    report = _full_report(out, runs, base_cfg, data, device, machine, phases, t_start, command)
     say(f"[experiment] report: {report} and {report.with_suffix('.html')} "
         f"(total {_fmt_s(time.perf_counter() - t_start)})")
     return report
@@ -585,8 +586,23 @@ def _setup_bullets(cfg, data: dict, machine: str, phases: dict, total: float, ex
     return lines + list(extra)
 
 
+def _rerun_command(out: Path, config, seeds, n_cases, n_test, grid, train_overrides) -> str:
+    """What reruns this experiment: the CLI line when its options cover the call, else a Python call."""
+    if isinstance(config, str) and not train_overrides and n_test == DEMO_N_TEST and grid == DEMO_GRID:
+        return ("lckd-kit experiment --out " + out.as_posix()
+                + (" --seeds " + " ".join(map(str, seeds)) if seeds != [0] else "")
+                + (f" --config {config}" if config != "small2d" else "")
+                + (f" --n-cases {n_cases}" if n_cases != DEMO_N_CASES else ""))
+    if not isinstance(config, str):
+        return "run_experiment(...) with a custom TrainConfig: its fields are in runs/*/config.json"
+    kwargs = dict(config=config, seeds=tuple(seeds), n_cases=n_cases, n_test=n_test, grid=grid,
+                  train_overrides=dict(train_overrides or {}))
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return f'python -c "from lckd_kit.experiment import run_experiment; run_experiment({out.as_posix()!r}, {args})"'
+
+
 def _full_report(out: Path, runs: list[dict], cfg, data: dict, device, machine: str, phases: dict,
-                 t_start: float) -> Path:
+                 t_start: float, command: str) -> Path:
     from lckd_kit import viz
     from lckd_kit.viz import markdown_subset_table
 
@@ -654,8 +670,7 @@ def _full_report(out: Path, runs: list[dict], cfg, data: dict, device, machine: 
             f"Seeds: {', '.join(map(str, seeds))}; LCKD and no-KD share seed, schedule, batches and subsets.",
             f"Run folders (config.json, history.jsonl, checkpoints, eval/): `{(out / 'runs').as_posix()}`.",
         ])),
-        ("code", "lckd-kit experiment --out " + out.as_posix()
-         + (" --seeds " + " ".join(map(str, seeds)) if seeds != [0] else "")))
+        ("code", command))
     return rep.write()
 
 

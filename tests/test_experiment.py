@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,17 @@ def test_cli_evaluate_with_a_checkpoint(tmp_path, cache, shipped, capsys):
     res = EvalResult.from_json(out / "results.json")
     assert res.dice_table().shape == (15, 3) and res.hd95_table().shape == (15, 3)
     assert len(res.rows) == 2 * 15 * 3 and res.convention == "brats2018"
+
+
+def test_report_command_reruns_the_same_experiment():
+    from lckd_kit.experiment import SHIPPED_TRAIN_OVERRIDES, _rerun_command
+
+    out = Path("outputs/demo")
+    assert _rerun_command(out, "small2d", [0], 24, 6, 96, None) == "lckd-kit experiment --out outputs/demo"
+    assert _rerun_command(out, "small", [0, 1], 12, 6, 96, {}) == \
+        "lckd-kit experiment --out outputs/demo --seeds 0 1 --config small --n-cases 12"
+    # what the CLI cannot express (a longer schedule, another grid) is given as the Python call
+    py = _rerun_command(out, "small2d", [0, 1, 2], 24, 6, 96, SHIPPED_TRAIN_OVERRIDES)
+    assert py.startswith('python -c "from lckd_kit.experiment import run_experiment; run_experiment(')
+    assert "'stage1_steps': 1500" in py and "seeds=(0, 1, 2)" in py
+    assert "grid=32" in _rerun_command(out, "small2d", [0], 24, 6, 32, None)
