@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """lckd_kit performance benchmark: work-sharing ratios, FLOP utilisation, profile, memory.
 
-    python benchmarks/run.py                 # CPU default (~10 min on 2 idle cores)
+    python benchmarks/run.py                 # CPU default (~12 min on 2 idle cores)
     python benchmarks/run.py --quick         # smoke run, tiny sizes (< 1 min)
     python benchmarks/run.py --gpu-quick     # CUDA preset, < 5 min on an H200
     python benchmarks/run.py --big           # + the reference crop 2x4x80x160x160 on CPU (minutes per step)
@@ -411,7 +411,9 @@ def _alloc_child_run(cfg, batch, spatial, retained: bool, sgd: bool) -> dict | N
     import subprocess
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import run; "
             f"run._alloc_child({cfg!r}, {batch}, {tuple(spatial)!r}, {retained}, {sgd}, {torch.get_num_threads()})")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    from lckd_kit.cli import _user_tuned_malloc
+
+    env = {k: v for k, v in os.environ.items() if not _user_tuned_malloc({k: v})}  # glibc's defaults
     try:
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
         return json.loads(res.stdout.strip().splitlines()[-1])
