@@ -20,6 +20,8 @@ eval     15-subset sliding-window evaluation of one case: ``predict_subsets`` (e
          once, every subset decoded) vs 15 separate sliding-window passes with ``model(x, mask)``
          (the kit's per-subset forward) and with ``naive=True`` (the reference's). Outputs compared.
          Election (the 4 single-modality subsets) shared vs per-subset comes from the same run.
+caches   the inference caches of model.py (standardised weights, the zero-input response) on vs
+         off, on the 15-subset prediction of one case, for small2d, small and paper.
 decode   one window's 15 subsets after one encode: 15 ``decode`` calls vs ``decode_many`` (each
          modality's skips projected through the shortcut convs once) at 1, predict_subsets' and 15
          subsets per decoder call.
@@ -66,10 +68,11 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from monai.inferers import sliding_window_inference  # noqa: E402
 
 from lckd_kit import ALL_PRESENT, SUBSETS, subset_name  # noqa: E402
+from lckd_kit.batches import sample_subset  # noqa: E402
 from lckd_kit.distill import KD_WEIGHT, distillation_loss, segmentation_loss  # noqa: E402
-from lckd_kit.evaluate import predict_subsets  # noqa: E402
+from lckd_kit.inference import predict_subsets  # noqa: E402
 from lckd_kit.model import CONFIGS, InstanceNorm, build_model, parameter_count  # noqa: E402
-from lckd_kit.train import TRAIN_CONFIGS, sample_subset  # noqa: E402
+from lckd_kit.train import TRAIN_CONFIGS  # noqa: E402
 
 SINGLES = tuple(tuple(i == m for i in range(4)) for m in range(4))
 TEACHERS = (True, False, True, False)  # FLAIR + T1ce, a typical election outcome
@@ -411,9 +414,9 @@ def _alloc_child_run(cfg, batch, spatial, retained: bool, sgd: bool) -> dict | N
     import subprocess
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import run; "
             f"run._alloc_child({cfg!r}, {batch}, {tuple(spatial)!r}, {retained}, {sgd}, {torch.get_num_threads()})")
-    from lckd_kit.cli import _user_tuned_malloc
+    from lckd_kit.cli import user_tuned_malloc
 
-    env = {k: v for k, v in os.environ.items() if not _user_tuned_malloc({k: v})}  # glibc's defaults
+    env = {k: v for k, v in os.environ.items() if not user_tuned_malloc({k: v})}  # glibc's defaults
     try:
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
         return json.loads(res.stdout.strip().splitlines()[-1])
@@ -645,7 +648,7 @@ def bench_decode(cfg: str, spatial, device, repeats: int, mem: Memory) -> dict:
     skips go through each shortcut conv, once per subset) vs ``decode_many`` (each modality's skips
     projected once) with 1 subset per decoder call, with ``predict_subsets``' chunk, and with all
     15 in one call. Outputs compared."""
-    from lckd_kit.evaluate import DECODE_BATCH_ITEMS, DECODE_BATCH_ITEMS_LARGE, DECODE_BATCH_MAX_PARAMS
+    from lckd_kit.inference import DECODE_BATCH_ITEMS, DECODE_BATCH_ITEMS_LARGE, DECODE_BATCH_MAX_PARAMS
     torch.manual_seed(0)
     model = trained_like(build_model(cfg)).to(device).eval()
     batch = 16 if model.config.spatial_dims == 2 else 1  # predict_subsets' 2-D windows hold 16 slices
@@ -683,9 +686,58 @@ def bench_decode(cfg: str, spatial, device, repeats: int, mem: Memory) -> dict:
     return out
 
 
+def _uncached_ws(self):
+    """A weight-standardised conv's weight computed afresh on every call (the cache turned off)."""
+    flat = self.weight.flatten(1)
+    flat = flat - flat.mean(1, keepdim=True)
+    return (flat / torch.sqrt(flat.square().sum(1, keepdim=True) / (flat.shape[1] - 1) + 1e-12)).view_as(self.weight)
+
+
+def _uncached_zero(model):
+    def zero_response(spatial, like):
+        bott, skips = model.encoder(like.new_zeros((1, 1, *spatial)))
+        return bott[0], [t[0] for t in skips]
+    return zero_response
+
+
+def bench_caches(cfg: str, image: torch.Tensor, roi, device, repeats: int, mem: Memory) -> dict:
+    """Each inference cache of model.py on vs off, timed on the 15-subset prediction of one case:
+    "ws" (standardised weights cached without autograd) and "zero" (the encoder's response to the
+    all-zero volume cached in eval mode). Outputs must not change."""
+    torch.manual_seed(0)
+    model = trained_like(build_model(cfg)).to(device).eval()
+    ws_convs = [m for m in model.modules() if hasattr(m, "effective_weight")]
+
+    def run(ws: bool, zero: bool):
+        def f():
+            for m in ws_convs:
+                if ws:
+                    m.__dict__.pop("effective_weight", None)
+                else:
+                    m.effective_weight = types.MethodType(_uncached_ws, m)
+            if zero:
+                model.__dict__.pop("zero_response", None)
+            else:
+                model.zero_response = _uncached_zero(model)
+            return predict_subsets(model, image, SUBSETS, roi_size=roi, device=device)
+        return f
+
+    variants = {"cached": run(True, True), "no ws cache": run(False, True), "no zero cache": run(True, False),
+                "neither": run(False, False)}
+    log(f"caches {cfg} {tuple(image.shape)} roi {roi}")
+    res = run_interleaved(variants, repeats, device, mem)
+    base = med(res["cached"]["times"])
+    out = {"config": cfg, "image": list(image.shape), "roi": list(roi), "repeats": repeats}
+    for name, r in res.items():
+        out[name] = {"s": med(r["times"]), "vs_cached": med(r["times"]) / base,
+                     "max_abs_diff": float((r["outs"][-1] - res["cached"]["outs"][-1]).abs().max())}
+    run(True, True)  # leave the model as it was
+    return out
+
+
 def phantom_image(grid: int = 96) -> torch.Tensor:
     """A normalised phantom case (4, g, g, g), the kit's CPU data."""
-    from lckd_kit.data import normalize_image
+    from lckd_kit.transforms import normalize_image
     from lckd_kit.phantom import make_case
 
     case = make_case(0, grid=grid)
@@ -772,9 +824,7 @@ def flop_breakdown(forward, depth: int = 2) -> dict:
 
 def weight_std_cost(model, device, repeats=5) -> float:
     """Seconds per step spent standardising every WS conv's weight (forward + backward)."""
-    from lckd_kit.model import _WeightStd
-
-    mods = [m for m in model.modules() if isinstance(m, _WeightStd)]
+    mods = [m for m in model.modules() if hasattr(m, "effective_weight")]  # the weight-standardised convs
 
     def ws():
         total = 0
@@ -1006,6 +1056,16 @@ def report(results: dict) -> None:
             print(f"   {e['config']}: per window, one encoder volume {e['encoder_flops_per_volume'] / 1e9:.2f} GFLOP, "
                   f"one decode {e['decode_flops'] / 1e9:.2f} GFLOP; peak shared15 {fmt_bytes(e['shared15_peak_bytes'])},"
                   f" ref15 {fmt_bytes(e['ref15_peak_bytes'])}")
+    if results.get("caches"):
+        rows = []
+        for c in results["caches"]:
+            for name in ("cached", "no ws cache", "no zero cache", "neither"):
+                v = c[name]
+                rows.append([c["config"], "x".join(map(str, c["roi"])), name, f"{v['s']:.3f}", f"{v['vs_cached']:.2f}x",
+                             f"{v['max_abs_diff']:.1e}"])
+        print_table("inference caches of model.py on and off: 15-subset prediction of one case (seconds; ratio "
+                    "to all caches on)", ["config", "window", "variant", "seconds", "vs cached", "max |prob diff|"],
+                    rows)
     if results.get("decode"):
         rows = [[d["config"], d["window"], f"{d['sequential_s']:.3f}", f"{d['projected_1_s']:.3f}",
                  f"{d['projected_chunk_s']:.3f} ({d['chunk']})", f"{d['projected_15_s']:.3f}", f"{d['speedup']:.2f}x",
@@ -1104,7 +1164,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available with --gpu-quick, else cpu)")
     p.add_argument("--sections", nargs="+", default=None,
-                   choices=["train", "eval", "decode", "cpu", "alloc", "kernels", "profile", "gpu", "compile"],
+                   choices=["train", "eval", "caches", "decode", "cpu", "alloc", "kernels", "profile", "gpu", "compile"],
                    help="gpu = precision/layout variants, compile = torch.compile (both CUDA by default)")
     p.add_argument("--profile-configs", nargs="+", default=["small", "small2d"], choices=["small", "small2d", "paper"],
                    help="configs the profile section profiles (paper: 1x4x48x96x96 on CPU; minutes)")
@@ -1142,7 +1202,7 @@ def main(argv=None):
     elif cuda:
         sections = ["train", "eval", "decode", "cpu", "gpu", "compile"]
     else:
-        sections = ["train", "eval", "decode", "cpu", "alloc", "kernels", "profile"]
+        sections = ["train", "eval", "caches", "decode", "cpu", "alloc", "kernels", "profile"]
     sgd = not args.no_sgd
     mem = Memory(device)
     dev_name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
@@ -1250,6 +1310,17 @@ def main(argv=None):
                 results["eval"].append(bench_eval(cfg, img, roi, device, reps, mem, amp=cuda, label=label,
                                                   per_subset_kit=not args.gpu_quick))
                 sample_matmul(results["eval"][-1])
+                save()
+        if "caches" in sections and not past_deadline():
+            results["caches"] = []
+            img = phantom_image(32 if args.quick else 96)
+            jobs = [("small2d", img, (32, 32, 16)), ("small", img, (32, 32, 32))] if args.quick else [
+                ("small2d", img, (64, 64, 16)), ("small", img, (64, 64, 64)),
+                ("paper", img[:, :, 16:80, 32:64].contiguous(), (64, 64, 32))]
+            for cfg, img_c, roi in jobs:
+                if past_deadline():
+                    break
+                results["caches"].append(bench_caches(cfg, img_c, roi, device, repeats, mem))
                 save()
         if "decode" in sections and not past_deadline():
             results["decode"] = []

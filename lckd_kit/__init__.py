@@ -17,6 +17,8 @@ from __future__ import annotations
 from itertools import combinations
 from typing import Iterable, Sequence
 
+import numpy as np
+
 __version__ = "0.1.0"
 
 MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
@@ -36,12 +38,17 @@ def _subsets() -> tuple[tuple[bool, ...], ...]:
 SUBSETS: tuple[tuple[bool, ...], ...] = _subsets()
 
 
+class NoModalityError(ValueError):
+    """An availability mask without any modality (nothing to segment from)."""
+
+
 def as_mask(available: Sequence[bool] | Iterable[int] | str) -> tuple[bool, ...]:
     """Normalise an availability description to a boolean mask of length 4.
 
-    Accepts a boolean sequence of length 4, a subset name (``"flair+t1ce"``) or an
-    iterable of modality indices / names. Raises ``ValueError`` on anything else,
-    including the empty subset.
+    Accepts a boolean sequence / array / tensor of length 4, a subset name (``"flair+t1ce"``) or an
+    iterable of modality indices / names. This is the one place where other spellings become a
+    mask: the model, the losses and the inference functions take masks only. Raises
+    :class:`NoModalityError` for the empty subset and ``ValueError`` for anything unreadable.
     """
     if isinstance(available, str):
         parts = [p.strip().lower() for p in available.replace(",", "+").split("+") if p.strip()]
@@ -51,7 +58,7 @@ def as_mask(available: Sequence[bool] | Iterable[int] | str) -> tuple[bool, ...]
         mask = tuple(m in parts for m in MODALITIES)
     else:
         items = list(available.tolist() if hasattr(available, "tolist") else available)
-        if len(items) == len(MODALITIES) and all(isinstance(v, bool) for v in items):
+        if len(items) == len(MODALITIES) and all(isinstance(v, (bool, np.bool_)) for v in items):
             mask = tuple(bool(v) for v in items)
         else:
             idx = set()
@@ -60,13 +67,13 @@ def as_mask(available: Sequence[bool] | Iterable[int] | str) -> tuple[bool, ...]
                     if v.lower() not in MODALITIES:
                         raise ValueError(f"unknown modality {v!r}; expected one of {MODALITIES}")
                     idx.add(MODALITIES.index(v.lower()))
-                elif isinstance(v, (int,)) and not isinstance(v, bool) and 0 <= v < len(MODALITIES):
+                elif isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(MODALITIES):
                     idx.add(int(v))
                 else:
                     raise ValueError(f"cannot read {available!r} as a modality subset")
             mask = tuple(m in idx for m in range(len(MODALITIES)))
     if not any(mask):
-        raise ValueError("no modality selected: at least one of flair, t1, t1ce, t2 must be available")
+        raise NoModalityError("no modality selected: at least one of flair, t1, t1ce, t2 must be available")
     return mask
 
 
@@ -76,4 +83,4 @@ def subset_name(mask: Sequence[bool]) -> str:
     return "+".join(m for m, on in zip(MODALITIES, mask) if on)
 
 
-__all__ = ["MODALITIES", "REGIONS", "SUBSETS", "ALL_PRESENT", "as_mask", "subset_name", "__version__"]
+__all__ = ["MODALITIES", "REGIONS", "SUBSETS", "ALL_PRESENT", "NoModalityError", "as_mask", "subset_name", "__version__"]

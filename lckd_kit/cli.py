@@ -7,7 +7,7 @@ done from Python or a notebook:
     train          train.train               the two-stage LCKD recipe (``--no-kd``: the baseline)
     elect          election.elect_teachers   print the 4x3 single-modality score table and teachers
     evaluate       evaluate.evaluate         Dice/HD95 over the 15 modality subsets, tables + heatmap
-    predict        evaluate.predict_case     segment one case under a chosen set of modalities
+    predict        inference.predict_case    segment one case under a chosen set of modalities
     experiment     experiment.run_experiment LCKD vs no-KD on phantoms, with a report (``make demo``)
     workshop-prep  experiment.workshop_prep  generate and cache everything a workshop needs offline
 
@@ -36,8 +36,8 @@ def retain_freed_memory() -> bool:
     glibc serves every allocation above its mmap threshold (adaptive, at most 32 MB) with fresh pages
     from mmap and unmaps them on free, so every large activation (a paper-size stem map is 113 MB)
     pays page faults and kernel zeroing again, step after step. With mmap and trimming off, freed
-    blocks are reused: the paper training step on 2 CPU cores is ~1.2x faster, the CPU configs
-    a few percent (benchmarks/run.py, ``alloc`` section). The cost: the process keeps its peak
+    blocks are reused, which makes the paper config's CPU training step faster (benchmarks/run.py,
+    ``alloc`` section; docs/performance.md). The cost: the process keeps its peak
     memory (and some fragmentation) until it exits, which is why the library never does this by
     itself; the CLI does, for its own process. There is no undo: glibc's adaptive defaults cannot
     be restored once set."""
@@ -50,7 +50,8 @@ def retain_freed_memory() -> bool:
     return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
 
 
-def _user_tuned_malloc(environ=os.environ) -> bool:
+def user_tuned_malloc(environ=os.environ) -> bool:
+    """Whether the environment already tunes glibc malloc (then the CLI leaves it alone)."""
     return any(k.startswith("MALLOC_") for k in environ) or "malloc" in environ.get("GLIBC_TUNABLES", "")
 
 
@@ -60,21 +61,6 @@ def _device(name: str | None):
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _load_eval_cases(data: str, convention: str | None, limit: int | None = None) -> list[dict]:
-    """Labelled cases of ``data``, loaded and normalised for inference."""
-    from lckd_kit.data import find_cases, load_case, normalize_image
-
-    cases = [c for c in find_cases(data, convention=convention) if c.labelled]
-    if not cases:
-        raise FileNotFoundError(f"{data}: no labelled cases (a label file is needed to score)")
-    out = []
-    for case in cases[:limit]:
-        d = load_case(case)
-        d["image"] = normalize_image(d["image"])
-        out.append(d)
-    return out
 
 
 def cmd_samples(args) -> int:
@@ -118,24 +104,26 @@ def cmd_train(args) -> int:
 
 
 def cmd_elect(args) -> int:
+    from lckd_kit.checkpoint import load_model
+    from lckd_kit.data import load_cases
     from lckd_kit.election import elect_teachers
-    from lckd_kit.train import load_model
 
     device = _device(args.device)
     model, _ = load_model(args.checkpoint, device)
-    cases = _load_eval_cases(args.data, args.convention, args.max_cases)
+    cases = load_cases(args.data, labelled=True, normalize=True, convention=args.convention, limit=args.max_cases)
     result = elect_teachers(model, cases, device=device, metric=args.metric, progress=True)
     print(result)
     return 0
 
 
 def cmd_evaluate(args) -> int:
+    from lckd_kit.checkpoint import load_model
+    from lckd_kit.data import load_cases
     from lckd_kit.evaluate import evaluate
-    from lckd_kit.train import load_model
 
     device = _device(args.device)
     model, _ = load_model(args.checkpoint, device)
-    cases = _load_eval_cases(args.data, args.convention, args.max_cases)
+    cases = load_cases(args.data, labelled=True, normalize=True, convention=args.convention, limit=args.max_cases)
     result = evaluate(model, cases, device=device, postprocess=args.postprocess, progress=True)
     files = result.save(args.out)
     print(result.markdown())
@@ -144,9 +132,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from lckd_kit.checkpoint import load_model
     from lckd_kit.data import find_cases
-    from lckd_kit.evaluate import predict_case
-    from lckd_kit.train import load_model
+    from lckd_kit.inference import predict_case
 
     device = _device(args.device)
     cases = find_cases(args.case, convention=args.convention)
@@ -253,7 +241,7 @@ def main(argv: list[str] | None = None, tune_process: bool | None = None) -> int
     """Run one sub-command. ``tune_process`` (default: when run as a program, i.e. ``argv`` is None)
     calls :func:`retain_freed_memory` unless the user set MALLOC_* or GLIBC_TUNABLES themselves."""
     args = build_parser().parse_args(argv)
-    if (argv is None if tune_process is None else tune_process) and not _user_tuned_malloc():
+    if (argv is None if tune_process is None else tune_process) and not user_tuned_malloc():
         retain_freed_memory()
     try:
         return args.func(args)

@@ -15,20 +15,10 @@ msd           ``dataset.json`` + ``imagesTr|imagesTs/*.nii.gz`` (4-D)      ``msd
               + ``labelsTr/``; channel order read from dataset.json
 ============  ==========================================================  ==================
 
-Label conventions (voxel values -> regions); see :data:`CONVENTIONS`:
-
-============  ======  =======  =========  ==================================
-convention    ET      TC       WT         accepted values
-============  ======  =======  =========  ==================================
-brats2018     {4}     {1,4}    {1,2,4}    0, 1 NCR, 2 ED, 4 ET (2018-2021)
-brats2023     {3}     {1,3}    {1,2,3}    0, 1 NETC, 2 SNFH, 3 ET
-brats2024gli  {3}     {1,3}    {1,2,3}    as 2023 + 4 = resection cavity (in no region)
-msd           {3}     {2,3}    {1,2,3}    0, 1 edema, 2 non-enhancing, 3 enhancing
-============  ======  =======  =========  ==================================
-
-The convention is never guessed from label values: the same value 4 is ET in 2018 and a
-resection cavity in 2024. Pass ``convention=`` to :func:`find_cases` when the layout's default
-is wrong (e.g. BraTS 2024 post-treatment data: ``"brats2024gli"``).
+Every case, whatever form it comes in (a :class:`Case`, a folder or file path, a ``load_case``
+dict, a phantom dict), becomes the kit's case dict through one function, :func:`as_case`. Label
+conventions (which voxel values make ET, TC, WT) are in :mod:`lckd_kit.labels`; the layout gives
+the default, ``convention=`` overrides it (e.g. BraTS 2024 post-treatment data: ``"brats2024gli"``).
 """
 from __future__ import annotations
 
@@ -42,155 +32,14 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
-import torch
 from monai.config import KeysCollection
-from monai.transforms import (
-    Compose,
-    CopyItemsd,
-    DeleteItemsd,
-    EnsureTyped,
-    FgBgToIndicesd,
-    MapTransform,
-    MaskIntensityd,
-    NormalizeIntensity,
-    NormalizeIntensityd,
-    RandCropByPosNegLabeld,
-    RandFlipd,
-    RandGaussianNoised,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-    SpatialPadd,
-    SqueezeDimd,
-)
+from monai.transforms import MapTransform
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 
-from . import MODALITIES, REGIONS
+from lckd_kit import MODALITIES
+from lckd_kit.labels import LAYOUTS, check_label_values, get_convention, labels_to_regions, regions_to_labels
 
-__all__ = [
-    "Case",
-    "LabelConvention",
-    "CONVENTIONS",
-    "LAYOUTS",
-    "find_cases",
-    "load_case",
-    "labels_to_regions",
-    "regions_to_labels",
-    "save_prediction",
-    "normalize_image",
-    "LoadCased",
-    "train_transforms",
-    "val_transforms",
-]
-
-# --------------------------------------------------------------------------------------------
-# label conventions
-
-
-@dataclass(frozen=True)
-class LabelConvention:
-    """How one dataset release encodes tumour sub-regions as voxel values.
-
-    ``necrosis``/``edema``/``enhancing`` are the values written back by :func:`regions_to_labels`
-    for TC-not-ET, WT-not-TC and ET voxels.
-    """
-
-    name: str
-    et: frozenset[int]
-    tc: frozenset[int]
-    wt: frozenset[int]
-    values: frozenset[int]
-    necrosis: int
-    edema: int
-    enhancing: int
-    description: str = ""
-
-    def region_values(self) -> tuple[frozenset[int], ...]:
-        """Label values of each region, in REGIONS order (ET, TC, WT)."""
-        return (self.et, self.tc, self.wt)
-
-
-def _convention(name, et, tc, wt, values, necrosis, edema, enhancing, description):
-    return LabelConvention(name, frozenset(et), frozenset(tc), frozenset(wt), frozenset(values),
-                           necrosis, edema, enhancing, description)
-
-
-#: The supported label conventions (DATA_SPEC "R"). Regions are unions of label values.
-CONVENTIONS: dict[str, LabelConvention] = {
-    c.name: c
-    for c in (
-        _convention("brats2018", {4}, {1, 4}, {1, 2, 4}, {0, 1, 2, 4}, 1, 2, 4,
-                    "BraTS 2018-2021: 1 NCR/NET, 2 edema, 4 enhancing"),
-        _convention("brats2023", {3}, {1, 3}, {1, 2, 3}, {0, 1, 2, 3}, 1, 2, 3,
-                    "BraTS 2023 GLI/MET/SSA: 1 NETC, 2 SNFH, 3 enhancing"),
-        _convention("brats2024gli", {3}, {1, 3}, {1, 2, 3}, {0, 1, 2, 3, 4}, 1, 2, 3,
-                    "BraTS 2024 GLI: as 2023, 4 = resection cavity (in no region)"),
-        _convention("msd", {3}, {2, 3}, {1, 2, 3}, {0, 1, 2, 3}, 2, 1, 3,
-                    "MSD Task01: 1 edema, 2 non-enhancing tumour, 3 enhancing tumour"),
-    )
-}
-
-#: Layout name -> the convention used when find_cases is not told otherwise.
-LAYOUTS: dict[str, str] = {"brats2018": "brats2018", "brats2023": "brats2023", "msd": "msd"}
-
-
-def get_convention(convention: str | LabelConvention) -> LabelConvention:
-    """Look a convention up by name (or pass a LabelConvention through)."""
-    if isinstance(convention, LabelConvention):
-        return convention
-    if convention not in CONVENTIONS:
-        raise ValueError(f"unknown label convention {convention!r}; expected one of {sorted(CONVENTIONS)}")
-    return CONVENTIONS[convention]
-
-
-def _value_hint(unknown: Sequence[int], conv: LabelConvention) -> str:
-    # The two classic mix-ups: 2023 data read as 2018 (3 = ET), or 2024 RC read as 2023.
-    if conv.name == "brats2018" and 3 in unknown:
-        return " (BraTS 2023+ uses 3 for ET: pass convention='brats2023')"
-    if conv.name in ("brats2023", "msd") and 4 in unknown:
-        return " (4 is ET in BraTS 2018-2021 and a resection cavity in BraTS 2024: pass convention='brats2018' or 'brats2024gli')"
-    return ""
-
-
-def _check_label_values(labels: np.ndarray, conv: LabelConvention, where: str = "") -> None:
-    unknown = sorted(int(v) for v in np.unique(labels) if int(v) not in conv.values)
-    if unknown:
-        src = f"{where}: " if where else ""
-        raise ValueError(
-            f"{src}label values {unknown} are not part of convention {conv.name!r} "
-            f"(accepted {sorted(conv.values)}){_value_hint(unknown, conv)}"
-        )
-
-
-def labels_to_regions(labels: np.ndarray, convention: str | LabelConvention) -> np.ndarray:
-    """Integer label map ``(*S)`` -> region masks ``(3, *S)`` uint8 in (ET, TC, WT) order.
-
-    Values outside the convention raise ``ValueError`` listing them.
-    """
-    conv = get_convention(convention)
-    labels = np.asarray(labels)
-    _check_label_values(labels, conv)
-    return np.stack([np.isin(labels, sorted(v)) for v in conv.region_values()]).astype(np.uint8)
-
-
-def regions_to_labels(regions: np.ndarray, convention: str | LabelConvention) -> np.ndarray:
-    """Region masks ``(3, *S)`` (ET, TC, WT; anything > 0.5 is inside) -> labels ``(*S)`` uint8.
-
-    Nesting is enforced by construction: an ET voxel is labelled ET even if its TC/WT channels
-    are off, a TC voxel is never edema. WT-only -> edema, TC-not-ET -> necrosis, ET -> enhancing.
-    """
-    conv = get_convention(convention)
-    if hasattr(regions, "detach"):
-        regions = regions.detach().cpu().numpy()
-    regions = np.asarray(regions)
-    if regions.ndim < 2 or regions.shape[0] != len(REGIONS):
-        raise ValueError(f"regions must have shape (3, *S) in {REGIONS} order, got {regions.shape}")
-    et, tc, wt = (regions > 0.5)
-    labels = np.zeros(regions.shape[1:], dtype=np.uint8)
-    labels[wt | tc | et] = conv.edema
-    labels[tc | et] = conv.necrosis
-    labels[et] = conv.enhancing
-    return labels
-
+__all__ = ["Case", "find_cases", "load_case", "save_prediction", "as_case", "load_cases", "case_spacing", "LoadCased"]
 
 # --------------------------------------------------------------------------------------------
 # finding cases
@@ -301,7 +150,7 @@ def find_cases(root: str | os.PathLike, convention: str | None = None) -> list[C
 
     Recognises BraTS 2018-2021 underscore naming, BraTS 2023/2024 hyphen naming and MSD Task01
     folders (see the module docstring). Hidden files and folders (``.x``, macOS ``._x``) are
-    skipped. A BraTS case folder holding all four modalities, no ``seg`` file and exactly one
+    skipped; symbolic links to folders are followed, each folder read once (link cycles end). A BraTS case folder holding all four modalities, no ``seg`` file and exactly one
     other NIfTI uses that file as its label (BraTS 2020 case 355 ships ``W39_1998.09.19_Segm.nii``).
 
     Args:
@@ -325,8 +174,16 @@ def find_cases(root: str | os.PathLike, convention: str | None = None) -> list[C
         return convention if convention is not None else LAYOUTS[layout]
 
     cases: list[Case] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen_dirs: set[str] = set()
+    # symbolic links are followed (datasets on shared drives are usually linked in); a folder
+    # reached twice (a link cycle, or two links to one folder) is read once
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         folder = Path(dirpath)
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
         dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
         if "dataset.json" in filenames and any(d in dirnames for d in ("imagesTr", "imagesTs")):
             cases.extend(_msd_cases(folder, conv_for("msd")))
@@ -475,7 +332,7 @@ def load_case(case: Case, reorient: bool = True) -> dict[str, Any]:
             _check_finite(data, path)
             data = np.rint(data)
         _check_geometry(path, data.shape, affine, ref_path, original_shape, original_affine)
-        _check_label_values(data, conv, where=str(path))
+        check_label_values(data, conv, where=str(path))
         label = data.astype(np.uint8)
 
     affine = original_affine
@@ -538,27 +395,124 @@ def save_prediction(regions: np.ndarray, loaded: Mapping[str, Any], path: str | 
 
 
 # --------------------------------------------------------------------------------------------
-# MONAI pipelines
-
-_normalize = NormalizeIntensity(nonzero=True, channel_wise=True, dtype=np.float32)
+# one case, whatever form it comes in
 
 
-def normalize_image(image):
-    """Per-modality z-score over brain (non-zero) voxels; background stays exactly 0.
+def _case_at(path: Path, convention: str | None) -> Case:
+    """The one case a folder holds, or the case one of whose files ``path`` is."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        cases = find_cases(path, convention=convention)
+        if len(cases) != 1:
+            raise ValueError(f"{path} holds {len(cases)} cases ({', '.join(c.name for c in cases[:5])}"
+                             f"{', ...' if len(cases) > 5 else ''}); pass one case folder")
+        return cases[0]
+    target = path.resolve()
+    for case in find_cases(path.parent, convention=convention):
+        files = list(case.image_files.values()) + ([case.label_file] if case.label_file else [])
+        if target in {Path(f).resolve() for f in files}:
+            return case
+    raise FileNotFoundError(f"{path} is not a file of any case in {path.parent}")
 
-    ``image``: ``(4, *S)`` numpy array or torch tensor; returns the same type, float32.
-    An all-zero channel (a missing modality) stays all zero.
+
+def case_spacing(item) -> tuple[float, float, float] | None:
+    """Voxel size (mm) along X, Y, Z (RAS) of a case: from a ``Case``'s file header (nothing else
+    is read) or from a case dict's ``spacing`` / ``affine``; None if it cannot be known."""
+    if isinstance(item, Case):
+        path = Path(item.image_files[MODALITIES[0]])
+        try:
+            affine = np.asarray(nib.load(str(path)).affine, np.float64)
+        except Exception as e:  # nibabel and gzip raise their own types
+            raise ValueError(f"{path} cannot be read: {type(e).__name__}: {e}") from e
+        zooms = np.linalg.norm(affine[:3, :3], axis=0)
+        out = np.zeros(3)
+        for axis, (ras_axis, _) in enumerate(io_orientation(affine)):
+            out[int(ras_axis)] = zooms[axis]
+        return tuple(float(v) for v in out)
+    return _spacing_of(item)
+
+
+def _spacing_of(d: Mapping[str, Any]) -> tuple[float, float, float] | None:
+    if d.get("spacing") is not None:
+        return tuple(float(s) for s in np.broadcast_to(np.asarray(d["spacing"], np.float64), (3,)))
+    if d.get("affine") is not None:
+        return tuple(float(s) for s in np.linalg.norm(np.asarray(d["affine"], np.float64)[:3, :3], axis=0))
+    return None
+
+
+def as_case(item, normalize: bool = False, convention: str | None = None) -> dict[str, Any]:
+    """Any form of one case -> the kit's case dict. The one place where this conversion happens.
+
+    Args:
+        item: a :class:`Case`; a path to a case folder or to one of its files; a dict from
+            :func:`load_case`; a dict from ``phantom.make_case`` (integer label map, ``label_style``);
+            or any dict with ``"image"`` ``(4, X, Y, Z)`` and optionally ``"label"`` (region masks
+            ``(3, X, Y, Z)`` or a label map ``(X, Y, Z)`` in the dict's ``convention``/``label_style``).
+        normalize: z-score the image (``transforms.normalize_image``) unless the dict says it already
+            is (``"normalized": True``); raw images stay raw otherwise.
+        convention: label convention for a path (default: the layout's).
+
+    Returns:
+        A new dict with ``"name"``, ``"image"`` float32 ``(4, X, Y, Z)``, ``"label"`` uint8
+        ``(3, X, Y, Z)`` (ET, TC, WT) or None, ``"spacing"`` (3 floats, mm; None if unknown),
+        ``"normalized"``, and every other key of the input (a loaded case keeps the geometry that
+        :func:`save_prediction` needs).
     """
-    out = _normalize(image)
-    if isinstance(image, np.ndarray):
-        return np.asarray(out, dtype=np.float32)
-    return out.as_tensor() if hasattr(out, "as_tensor") else out
+    if isinstance(item, (str, os.PathLike)):
+        item = _case_at(Path(item), convention)
+    if isinstance(item, Case):
+        item = load_case(item)
+    if not isinstance(item, Mapping) or "image" not in item:
+        raise ValueError(f"cannot read {type(item).__name__} as a case: expected a Case, a path or a dict with 'image'")
+    d = dict(item)
+    image = np.asarray(d["image"].as_tensor() if hasattr(d["image"], "as_tensor") else d["image"])
+    if image.ndim != 4 or image.shape[0] != len(MODALITIES):
+        raise ValueError(f"case {d.get('name', '?')}: image must be ({len(MODALITIES)}, X, Y, Z), got {image.shape}")
+    label = d.get("label")
+    if label is not None:
+        label = np.asarray(label)
+        if label.ndim == 3:  # an integer label map
+            label = labels_to_regions(label, d.get("convention") or d.get("label_style") or "brats2018")
+        label = (label > 0).astype(np.uint8)
+        if label.shape != (3,) + image.shape[1:]:
+            raise ValueError(f"case {d.get('name', '?')}: label {label.shape} does not match image {image.shape}")
+    if d.get("name") is None:
+        seed = (d.get("params") or {}).get("seed")
+        d["name"] = f"phantom seed {seed}" if seed is not None else "case"
+    image = image.astype(np.float32, copy=False)
+    if normalize and not d.get("normalized"):
+        from lckd_kit.transforms import normalize_image
+
+        image = normalize_image(image, d.get("normalization", "zscore"))
+        d["normalized"] = True
+    d.update(image=image, label=label, spacing=_spacing_of(d), normalized=bool(d.get("normalized")))
+    return d
+
+
+def load_cases(data, labelled: bool = False, normalize: bool = False, convention: str | None = None,
+               limit: int | None = None) -> list[dict[str, Any]]:
+    """Every case of a folder (or of a list of cases in any form :func:`as_case` reads), loaded.
+
+    ``labelled=True`` keeps only labelled cases and raises ``FileNotFoundError`` if none is left.
+    """
+    items = find_cases(data, convention=convention) if isinstance(data, (str, os.PathLike)) else list(data)
+    if labelled:
+        items = [c for c in items if (c.labelled if isinstance(c, Case) else _has_label(c))]
+        if not items:
+            raise FileNotFoundError(f"{data if isinstance(data, (str, os.PathLike)) else 'the given cases'}: "
+                                    f"no labelled case (a label file is needed to train or score)")
+    return [as_case(c, normalize=normalize) for c in items[:limit]]
+
+
+def _has_label(item) -> bool:
+    return item.get("label") is not None if isinstance(item, Mapping) else True
 
 
 class LoadCased(MapTransform):
     """Dict transform: ``{"case": Case}`` -> the dict :func:`load_case` returns (other keys kept).
 
-    Put it first in a pipeline so ``CacheDataset`` caches the loading and normalisation.
+    Put it first in a pipeline so ``CacheDataset`` caches the loading.
     """
 
     def __init__(self, keys: KeysCollection = ("case",), reorient: bool = True, allow_missing_keys: bool = False):
@@ -573,99 +527,3 @@ class LoadCased(MapTransform):
                 raise ValueError(f"LoadCased expects a Case under key {key!r}, got {type(case).__name__}")
             d.update(load_case(case, reorient=self.reorient))
         return d
-
-
-def _nonzero(x):
-    # module-level (not a lambda) so pipelines pickle into DataLoader workers
-    return x != 0
-
-
-def _roi(roi_size: Sequence[int] | int, spatial_dims: int) -> tuple[int, int, int]:
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    roi = (roi_size,) * spatial_dims if isinstance(roi_size, int) else tuple(int(r) for r in roi_size)
-    if len(roi) != spatial_dims or min(roi) < 1:
-        raise ValueError(f"roi_size must hold {spatial_dims} positive sizes, got {roi_size}")
-    return roi if spatial_dims == 3 else (roi[0], roi[1], 1)  # 2-D: one axial slice
-
-
-def train_transforms(
-    roi_size: Sequence[int] | int,
-    spatial_dims: int = 3,
-    num_samples: int = 1,
-    pos_fraction: float = 0.375,
-    load: bool = False,
-) -> Compose:
-    """Training pipeline on dicts with ``"image"`` (4, X, Y, Z) raw and ``"label"`` (3, X, Y, Z).
-
-    Output samples (a list of ``num_samples`` dicts per input): ``"image"`` float32 tensor
-    ``(4, *roi)`` and ``"label"`` uint8 tensor ``(3, *roi)``; for ``spatial_dims=2`` axial slices
-    ``(4, rx, ry)`` / ``(3, rx, ry)``. The ``"case"`` object is dropped so batches collate.
-
-    Steps: pad to the roi; per-modality z-score over the whole case's brain (stats of the case,
-    not of the crop, as the reference); crop with ``pos_fraction`` of the crop centres on tumour
-    (WT) voxels and the rest on tumour-free brain voxels. The reference centres a crop on a
-    random ET/WT/TC voxel with probability 0.5 x 3/4 = 0.375 and otherwise crops at random,
-    hence the default; unlike the reference, the other centres stay inside the brain so small
-    crops and 2-D slices are not spent on air. Then a 50 % flip per axis and light intensity
-    augmentation (scale/shift +-0.1 per channel, p 0.15; Gaussian noise sigma 0.1, p 0.1) applied
-    inside the brain only, so background and missing modalities stay exactly 0.
-
-    Args:
-        roi_size: crop size, ``spatial_dims`` values (an int means a cube / square).
-        spatial_dims: 3 for 3-D patches, 2 for axial slices.
-        num_samples: crops per case.
-        pos_fraction: share of crops centred on tumour.
-        load: prepend :class:`LoadCased` so the pipeline takes ``{"case": Case}`` dicts.
-    """
-    crop = _roi(roi_size, spatial_dims)
-    if not 0.0 <= pos_fraction <= 1.0:
-        raise ValueError(f"pos_fraction must lie in [0, 1], got {pos_fraction}")
-    keys = ("image", "label")
-    steps: list = [LoadCased()] if load else []
-    steps += [
-        DeleteItemsd(keys="case"),
-        EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
-        EnsureTyped(keys="label", dtype=torch.uint8, track_meta=False),
-        SpatialPadd(keys=keys, spatial_size=crop),
-        # Indices on the raw image (brain > 0) before z-scoring makes brain voxels negative.
-        # MONAI treats channel 0 of a multi-channel label as background and takes the union of
-        # the rest: with nested (ET, TC, WT) that union is WT, the whole tumour -- what we want.
-        FgBgToIndicesd(keys="label", image_key="image", image_threshold=0.0),
-        NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
-        RandCropByPosNegLabeld(
-            keys=keys, label_key="label", spatial_size=crop, pos=pos_fraction, neg=1.0 - pos_fraction,
-            num_samples=num_samples, fg_indices_key="label_fg_indices", bg_indices_key="label_bg_indices",
-        ),
-        *[RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(3)],
-        CopyItemsd(keys="image", times=1, names="brain"),
-        RandScaleIntensityd(keys="image", factors=0.1, prob=0.15, channel_wise=True),
-        RandShiftIntensityd(keys="image", offsets=0.1, prob=0.15, channel_wise=True),
-        RandGaussianNoised(keys="image", prob=0.1, mean=0.0, std=0.1),
-        MaskIntensityd(keys="image", mask_key="brain", select_fn=_nonzero),
-        DeleteItemsd(keys="brain"),
-        EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
-        EnsureTyped(keys="label", dtype=torch.uint8, track_meta=False),
-    ]
-    if spatial_dims == 2:
-        steps.append(SqueezeDimd(keys=keys, dim=-1))
-    return Compose(steps)
-
-
-def val_transforms(spatial_dims: int = 3, load: bool = False) -> Compose:
-    """Validation pipeline: z-score only, deterministic, whole volumes.
-
-    Output ``"image"`` float32 tensor ``(4, X, Y, Z)``, ``"label"`` uint8 tensor ``(3, X, Y, Z)``
-    (or ``None`` for unlabelled cases); other keys (affine, case, ...) pass through so
-    predictions can be saved with :func:`save_prediction`. ``spatial_dims=2`` returns the same
-    whole volumes: 2-D models are run slice by slice at inference.
-    """
-    _roi(1, spatial_dims)  # validates spatial_dims
-    steps: list = [LoadCased()] if load else []
-    steps += [
-        EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
-        EnsureTyped(keys="label", dtype=torch.uint8, track_meta=False, allow_missing_keys=True),
-        NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
-        EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
-    ]
-    return Compose(steps)

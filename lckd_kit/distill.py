@@ -1,6 +1,6 @@
 """LCKD losses: cross-modal feature distillation and the segmentation loss.
 
-Training loss of the reference (LCKD_SPEC section 3)::
+Training loss of the reference (its ``train.py``: Dice + BCE + ``kd_wt`` 0.1 x KD)::
 
     total, dice, bce = segmentation_loss(logits, target)
     loss = total + 0.1 * distillation_loss(features, available, teachers)
@@ -10,8 +10,10 @@ features before the mean fill); only available modalities take part.
 """
 from __future__ import annotations
 
+from itertools import combinations
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
@@ -25,25 +27,16 @@ KD_WEIGHT = 0.1
 
 
 def _to_rows(mask, batch: int, device, what: str) -> torch.Tensor:
-    """(4,) or (B, 4) bool-like -> (B, 4) bool tensor on ``device``."""
-    m = torch.as_tensor(mask, device=device)
-    if m.dtype != torch.bool:
-        m = m != 0
-    if m.shape[-1] != N_MOD or m.dim() not in (1, 2):
-        raise ValueError(f"{what} must be (4,) or (B, 4), got shape {tuple(m.shape)}")
+    """(4,) or (B, 4) bool mask (tensor, array or sequence) -> (B, 4) bool tensor on ``device``."""
+    m = torch.as_tensor(mask.detach() if torch.is_tensor(mask) else np.asarray(mask), device=device)
+    if m.dtype != torch.bool or m.shape[-1] != N_MOD or m.dim() not in (1, 2):
+        raise ValueError(f"{what} must be a bool mask (4,) or (B, 4), got {tuple(m.shape)} {m.dtype}")
     return m.expand(batch, N_MOD)
 
 
 def _teacher_tuple(teachers) -> tuple[bool, ...]:
-    """Teachers as 4 python bools; accepts a bool mask (sequence / tensor) or modality indices."""
-    if torch.is_tensor(teachers):
-        teachers = teachers.detach().cpu().tolist()
-    items = list(teachers)
-    if len(items) == N_MOD and all(isinstance(v, bool) for v in items):
-        return tuple(items)
-    if all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < N_MOD for v in items):
-        return tuple(m in items for m in range(N_MOD))  # indices, e.g. [2] or (0, 2)
-    raise ValueError(f"teachers must be a bool mask of length 4 or modality indices, got {teachers!r}")
+    """Teachers as 4 python bools, from a bool mask (sequence, array or tensor)."""
+    return tuple(bool(v) for v in _to_rows(teachers, 1, "cpu", "teachers")[0].tolist())
 
 
 def distillation_loss(
@@ -59,7 +52,7 @@ def distillation_loss(
     Args:
         features: (B, 4, C, *s) per-modality features.
         available: (4,) or (B, 4) bool mask of present modalities.
-        teachers: (4,) bool mask (or indices) of the elected teachers.
+        teachers: (4,) bool mask of the elected teachers.
         distance: "l1" (reference, ``nn.L1Loss``) or "mse"; a mean over all elements of a pair.
         pairs: "all" (reference "teach all": every available s, including s == t and other
             teachers) or "students" (s must not be a teacher).
@@ -117,4 +110,83 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch
     return dice + bce, dice, bce
 
 
-__all__ = ["distillation_loss", "segmentation_loss", "KD_WEIGHT"]
+
+
+# --------------------------------------------------------------------------------------------
+# what distillation does to the features: the mechanism, measured
+
+
+def feature_distances(features: torch.Tensor) -> torch.Tensor:
+    """Mean L1 distance between every two modalities' bottleneck features.
+
+    ``features``: ``(B, 4, C, *s)`` (all four modalities encoded) -> ``(4, 4)``: entry (s, t) is the
+    mean over samples and elements of ``|f_s - f_t|`` -- what the KD loss makes small for a teacher t.
+    """
+    f = features.float().flatten(2)  # (B, 4, n)
+    return (f[:, :, None] - f[:, None, :]).abs().mean((0, 3))
+
+
+def fill_errors(features: torch.Tensor) -> torch.Tensor:
+    """How far the mean fill is from a modality's own feature when that modality is missing.
+
+    ``features``: ``(B, 4, C, *s)`` -> ``(4,)``: entry t is the mean, over the 7 subsets without t
+    (and over samples and elements), of ``|mean_{m in S} f_m - f_t|`` -- the error the model makes in
+    t's slot when t is absent. Distillation toward a teacher t is meant to shrink it.
+    """
+    f = features.float().flatten(2)
+    out = torch.zeros(N_MOD)
+    for t in range(N_MOD):
+        others = [m for m in range(N_MOD) if m != t]
+        errs = []
+        for k in range(1, len(others) + 1):
+            for subset in combinations(others, k):
+                errs.append((f[:, list(subset)].mean(1) - f[:, t]).abs().mean())
+        out[t] = torch.stack(errs).mean()
+    return out
+
+
+def _tumour_crop(image: np.ndarray, label: np.ndarray, roi: Sequence[int]) -> np.ndarray:
+    """The ``roi``-sized window (2-D: an axial slice) centred on the tumour (WT) of a case, zero-padded."""
+    wt = label[2] if label is not None and label[2].any() else (image != 0).any(0)
+    centre = np.round(np.argwhere(wt).mean(0)).astype(int)
+    size = list(roi) + ([1] if len(roi) == 2 else [])
+    out = np.zeros((image.shape[0], *size), np.float32)
+    src, dst = [], []
+    for c, n, r in zip(centre, image.shape[1:], size):
+        lo = c - r // 2
+        src.append(slice(max(lo, 0), min(lo + r, n)))
+        dst.append(slice(max(lo, 0) - lo, min(lo + r, n) - lo))
+    out[(slice(None), *dst)] = image[(slice(None), *src)]
+    return out[..., 0] if len(roi) == 2 else out
+
+
+@torch.no_grad()
+def feature_probe(model, cases: Sequence[dict], device=None, reduce=None) -> dict:
+    """Bottleneck features of a window on each case's tumour, encoded with all four modalities ->
+    ``{"l1": (4, 4) feature_distances, "fill_error": (4,) fill_errors, "n_cases"}``, means over cases.
+
+    ``cases``: dicts with a normalised ``"image"`` (4, X, Y, Z) and ``"label"``, at the model's voxel
+    size; the window is the model's trained one. Training records this at every election.
+    ``reduce`` (``distributed.all_reduce_sum``): ``cases`` is this process's shard (maybe empty).
+    """
+    cfg = getattr(model, "config", None) or model.module.config
+    device = device or next(model.parameters()).device
+    total = np.zeros(N_MOD * N_MOD + N_MOD + 1)
+    was_training = model.training
+    model.eval()
+    try:
+        for c in cases:
+            crop = _tumour_crop(np.asarray(c["image"]), c.get("label"), cfg.roi_size)
+            feats = model.encode(torch.from_numpy(crop[None]).to(device)).bottleneck
+            total += np.concatenate([feature_distances(feats).cpu().numpy().ravel(), fill_errors(feats).numpy(), [1]])
+    finally:
+        model.train(was_training)
+    if reduce is not None:
+        total = reduce(total)
+    n = max(total[-1], 1)
+    l1, fill = total[:N_MOD * N_MOD].reshape(N_MOD, N_MOD) / n, total[N_MOD * N_MOD:-1] / n
+    return {"l1": [[round(float(v), 6) for v in row] for row in l1], "fill_error": [round(float(v), 6) for v in fill],
+            "n_cases": int(total[-1])}
+
+
+__all__ = ["distillation_loss", "segmentation_loss", "KD_WEIGHT", "feature_distances", "fill_errors", "feature_probe"]

@@ -12,7 +12,7 @@ to the lowest modality index. Differences here, all documented options:
   model is finally judged on. ``metric="soft"`` is the reference's ``2Σpt/(Σp+Σt+1)``.
 * Dice is averaged over cases (the reference sums; same argmax, readable numbers).
 * The four single-modality predictions come from one encoding per window
-  (:func:`lckd_kit.evaluate.predict_subsets`), 4x cheaper than four separate passes.
+  (:func:`lckd_kit.inference.predict_subsets`), much cheaper than four separate passes.
 * The model is put in ``eval()`` mode (the reference never does; harmless for InstanceNorm).
 
 Distributed (DDP) training: each rank scores its own shard of the cases and passes
@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from lckd_kit import ALL_PRESENT, MODALITIES, REGIONS
-from lckd_kit.evaluate import hard_dice, predict_subsets, soft_dice
+from lckd_kit.inference import predict_subsets
+from lckd_kit.metrics import hard_dice, soft_dice
 
 #: the four single-modality subsets, in MODALITIES order
 SINGLES: tuple[tuple[bool, ...], ...] = tuple(tuple(i == m for i in range(4)) for m in range(4))
@@ -131,7 +132,7 @@ def elect_teachers(
     include_all: bool = True,
     sw_batch_size: int = 1,
     amp: bool = False,
-    crop_foreground: bool = False,
+    crop_foreground: bool = True,
     reduce: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> ElectionResult:
     """Elect the teacher modalities of ``model`` on ``cases``.
@@ -139,7 +140,7 @@ def elect_teachers(
     Args:
         model: an ``LCKDNet``; temporarily switched to ``eval()``, its mode is restored afterwards.
         cases: dicts with a normalised ``"image"`` ``(4, X, Y, Z)`` and a ``"label"`` ``(3, X, Y, Z)``
-            (ET, TC, WT), e.g. ``data.load_case`` + ``data.normalize_image``.
+            (ET, TC, WT), e.g. ``data.as_case(case, normalize=True)``.
         roi_size, overlap, sw_batch_size, average, amp, crop_foreground: passed to
             :func:`predict_subsets` (the reference's election averaged logits: ``average="logits"``).
         metric: ``"hard"`` (thresholded Dice, empty-vs-empty = 1; default) or ``"soft"`` (reference).

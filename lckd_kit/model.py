@@ -23,16 +23,13 @@ computation (``forward(..., naive=True)``) to float tolerance. In eval mode with
 zero response is cached per (spatial shape, device, dtype, autocast, parameter versions).
 Beware (reference behaviour, kept): along the zero-input path the first InstanceNorms see exactly
 constant maps (at init, with IN biases 0, all of them do), where IN's Jacobian is 1/sqrt(eps) ~ 316.
-A training step with missing modalities from a fresh init can therefore produce gradient norms of
-~1e5-1e6 (measured on "small"); warm up with all modalities (the reference's stage 1) or clip.
+A training step with missing modalities from a fresh init can therefore produce very large gradient
+norms; warm up with all modalities (the reference's stage 1) or clip.
 
 Layout. Kit arrays are (X, Y, Z) in RAS with Z the axial (slice) axis LAST; the reference code
 feeds (D=axial, H, W). So the "paper" config strides the stem by (2, 2, 1), upsamples the logits
-by (2, 2, 1) and uses an roi of (160, 160, 80), i.e. the reference's 80x160x160 crop. Loading
-reference weights (:func:`load_reference_state_dict`) permutes every conv kernel's spatial axes
-(kd, kh, kw) -> (kh, kw, kd) and the output rows (ET, WT, TC) -> (ET, TC, WT), so that
-``ours(x) == ref(x.permute(0, 1, 4, 2, 3)).permute(0, 1, 3, 4, 2)`` with channels reordered.
-:func:`to_reference_state_dict` is its exact inverse.
+by (2, 2, 1) and uses an roi of (160, 160, 80), i.e. the reference's 80x160x160 crop. The
+reference's own weights load with :func:`lckd_kit.checkpoint.load_reference_state_dict`.
 
 Input sizes: every spatial axis must be divisible by the config's total stride
 (``LCKDNet.size_divisor``; paper: 32, 32, 16) and the bottleneck must have more than one voxel
@@ -44,11 +41,13 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.networks.layers.factories import Conv, Pool
 
-from . import MODALITIES, REGIONS, as_mask
+from lckd_kit import MODALITIES, REGIONS, NoModalityError
 
 N_MOD = len(MODALITIES)  # 4 modalities, one shared encoder
 N_OUT = len(REGIONS)  # 3 sigmoid outputs: ET, TC, WT
@@ -67,6 +66,11 @@ class ModelConfig:
     first block strided by ``layer_strides[i]`` with a projection shortcut) -> asppreduce 1x1 ->
     ASPP(``bottleneck_width``, ``aspp_dilations``). The decoder has one stage per encoder level with
     ``decoder_widths`` (deepest first). Logits are upsampled by ``output_upsample`` (= the stem stride).
+
+    The last three fields are the model's input contract, recorded by training and stored in every
+    checkpoint, so inference can prepare any scan the way the training data was: ``roi_size`` the
+    window it was trained on, ``spacing`` the voxel size (mm, X Y Z; None: unknown, never
+    resampled) and ``normalization`` the intensity normalisation (``transforms.NORMALIZATIONS``).
     """
 
     name: str
@@ -84,6 +88,8 @@ class ModelConfig:
     weight_std: bool = True
     negative_slope: float = 0.01
     roi_size: tuple[int, ...] = (160, 160, 80)
+    spacing: tuple[float, float, float] | None = None
+    normalization: str = "zscore"
 
     def __post_init__(self):
         d = self.spatial_dims
@@ -99,6 +105,8 @@ class ModelConfig:
             raise ValueError(f"aspp_dilations must have 3 entries, got {self.aspp_dilations}")
         if min(self.blocks) < 1:
             raise ValueError(f"every layer needs at least one block, got {self.blocks}")
+        if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
+            raise ValueError(f"spacing must be 3 positive voxel sizes in mm (X, Y, Z), got {self.spacing}")
 
     @property
     def output_upsample(self) -> tuple[int, ...]:
@@ -113,7 +121,8 @@ class ModelConfig:
 
 
 CONFIGS: dict[str, ModelConfig] = {
-    # The reference DualNet (LCKD_SPEC section 1), in kit layout: 43,656,672 parameters.
+    # The reference DualNet (ResNet-50 encoder with layer4 of 320 planes, ASPP, 4-level decoder),
+    # in kit layout: 43,656,672 parameters.
     "paper": ModelConfig(name="paper"),
     # CPU-sized 3-D variant for 2 mm phantoms: isotropic stem stride, total stride 16 so a 64^3
     # crop still has a 4^3 bottleneck, ASPP dilations scaled to that grid.
@@ -122,12 +131,13 @@ CONFIGS: dict[str, ModelConfig] = {
         planes=(8, 16, 32, 48), blocks=(1, 1, 1, 1), layer_strides=(1, 2, 2, 1),
         bottleneck_width=64, aspp_dilations=(1, 2, 3), decoder_widths=(64, 32, 16, 16),
         roi_size=(64, 64, 64)),
-    # 2-D variant on axial slices (X, Y): full-resolution stem (2-D is cheap), total stride 16.
+    # 2-D variant on axial slices (X, Y): full-resolution stem (2-D is cheap), total stride 16,
+    # trained on 64x64 crops (TRAIN_CONFIGS["small2d"]).
     "small2d": ModelConfig(
         name="small2d", spatial_dims=2, stem_width=16, stem_kernel=3, stem_stride=(1, 1),
         planes=(8, 16, 32, 48), blocks=(1, 2, 2, 1), layer_strides=(1, 2, 2, 2),
         bottleneck_width=64, aspp_dilations=(1, 2, 3), decoder_widths=(64, 32, 16, 16),
-        roi_size=(96, 96)),
+        roi_size=(64, 64)),
 }
 
 
@@ -184,8 +194,8 @@ class _WeightStd:
             return self._ws_cache[2]
         flat = w.flatten(1)
         flat = flat - flat.mean(1, keepdim=True)
-        # the unbiased variance of the centred filter, as a sum of squares: torch.var is ~3x slower
-        # on these shapes, and weight standardisation was a third of the paper forward (benchmarks)
+        # the unbiased variance of the centred filter, as a sum of squares: cheaper than torch.var
+        # on these shapes (benchmarks/run.py, profile section; docs/performance.md)
         var = flat.square().sum(1, keepdim=True) / (flat.shape[1] - 1)
         out = (flat / torch.sqrt(var + 1e-12)).view_as(w)
         if not torch.is_grad_enabled():
@@ -204,20 +214,20 @@ class WSConv3d(_WeightStd, nn.Conv3d):
     pass
 
 
+_WS_CONV = {2: WSConv2d, 3: WSConv3d}
+
+
 def conv(cfg: ModelConfig, cin: int, cout: int, k: int, stride=1, padding=0, dilation=1) -> nn.Module:
     """A bias-free (weight-standardised if ``cfg.weight_std``) convolution."""
-    if cfg.weight_std:
-        cls = WSConv3d if cfg.spatial_dims == 3 else WSConv2d
-    else:
-        cls = nn.Conv3d if cfg.spatial_dims == 3 else nn.Conv2d
+    cls = _WS_CONV[cfg.spatial_dims] if cfg.weight_std else Conv[Conv.CONV, cfg.spatial_dims]
     return cls(cin, cout, k, stride=stride, padding=padding, dilation=dilation, bias=False)
 
 
 class InstanceNorm(nn.GroupNorm):
     """The reference's InstanceNorm (affine, no running stats: each sample's own statistics), as a
     GroupNorm with one channel per group. Same function, same ``weight``/``bias`` parameters and
-    eps; torch's group-norm kernels make the small configs' CPU training step ~1.15x faster
-    (benchmarks/run.py, profile section, "torch InstanceNorm" what-if). Any spatial rank."""
+    eps; torch's group-norm kernels are faster on the CPU (benchmarks/run.py, profile section,
+    "torch InstanceNorm" what-if; docs/performance.md). Any spatial rank."""
 
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__(num_features, num_features, eps=eps, affine=True)
@@ -321,7 +331,7 @@ class Backbone(nn.Module):
         k = cfg.stem_kernel
         self.conv1 = conv(cfg, 1, cfg.stem_width, k, stride=tuple(cfg.stem_stride), padding=k // 2)
         self.norm1 = norm(cfg, cfg.stem_width)
-        self.maxpool = (nn.MaxPool3d if cfg.spatial_dims == 3 else nn.MaxPool2d)(3, stride=2, padding=1)
+        self.maxpool = Pool[Pool.MAX, cfg.spatial_dims](3, stride=2, padding=1)
         cin, layers = cfg.stem_width, []
         for planes, n, stride in zip(cfg.planes, cfg.blocks, cfg.layer_strides):
             blocks = [Bottleneck(cfg, cin, planes, stride, project=True)]
@@ -364,7 +374,7 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        convT = nn.ConvTranspose3d if cfg.spatial_dims == 3 else nn.ConvTranspose2d
+        convT = Conv[Conv.CONVTRANS, cfg.spatial_dims]
         skip_widths = [cfg.stem_width] + [p * cfg.expansion for p in cfg.planes[:3]]
         # upsampling factor from level i+1 to level i (level 0 = stem, before the maxpool)
         factors = [2 * cfg.layer_strides[0], *cfg.layer_strides[1:]]
@@ -375,7 +385,7 @@ class Decoder(nn.Module):
             setattr(self, f"shortcut_conv{i}", conv_norm_act(cfg, N_MOD * skip_widths[i], w, 1))
             setattr(self, f"stage{i}_de", BasicBlock(cfg, w))
             cin = w
-        self.cls_conv = (nn.Conv3d if cfg.spatial_dims == 3 else nn.Conv2d)(cin, N_OUT, 1, bias=False)
+        self.cls_conv = Conv[Conv.CONV, cfg.spatial_dims](cin, N_OUT, 1, bias=False)
 
     def forward(self, x, skips: Sequence[torch.Tensor], projected: bool = False) -> torch.Tensor:
         """``projected=True``: ``skips[i]`` already hold shortcut_conv_i's convolution output
@@ -423,15 +433,6 @@ class Encoding:
     zero_skips: list[torch.Tensor]
 
 
-def _is_flat(seq) -> bool:
-    return not any(isinstance(v, (list, tuple)) for v in seq)
-
-
-def _plain(seq) -> list:
-    """numpy bools -> python bools, so that ``as_mask`` reads them as a mask, not as indices."""
-    return [bool(v) if type(v).__module__ == "numpy" and "bool" in type(v).__name__ else v for v in seq]
-
-
 def _autocast_on(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
@@ -475,29 +476,33 @@ class LCKDNet(nn.Module):
             raise ValueError(f"spatial size {spatial} is too small for config {self.config.name!r}: the "
                              f"bottleneck would be a single voxel (InstanceNorm needs more); use >= 2x{div}")
 
-    def availability(self, available, batch: int) -> list[tuple[bool, ...]]:
-        """Normalise a (4,) / (B, 4) mask (tensor, array, sequence or subset name) to B python rows."""
-        if torch.is_tensor(available):
-            available = available.detach().bool().cpu().tolist()
-        elif hasattr(available, "tolist") and hasattr(available, "astype"):  # numpy
-            available = available.astype(bool).tolist()
-        if isinstance(available, str):
-            return [as_mask(available)] * batch
-        if _is_flat(available):
-            return [as_mask(_plain(available))] * batch
-        rows = [as_mask(_plain(r)) for r in available]
-        if len(rows) != batch:
-            raise ValueError(f"availability has {len(rows)} rows for a batch of {batch}")
-        return rows
+    def availability(self, available, batch: int) -> torch.Tensor:
+        """A bool mask ``(4,)`` (shared by the batch) or ``(B, 4)`` -> ``(B, 4)`` bool tensor on the CPU.
+
+        Tensors, numpy arrays and sequences of bools are accepted; names ("flair+t1ce") and indices
+        are not: turn them into a mask with :func:`lckd_kit.as_mask` first."""
+        try:
+            m = available.detach().cpu() if torch.is_tensor(available) else torch.as_tensor(np.asarray(available))
+        except (TypeError, ValueError, RuntimeError):
+            m = None
+        if m is None or m.dtype != torch.bool or m.dim() not in (1, 2) or m.shape[-1] != N_MOD:
+            raise ValueError(f"availability must be a bool mask of shape (4,) or (B, 4), got {available!r}; "
+                             f"lckd_kit.as_mask turns names or indices into one")
+        if m.dim() == 2 and m.shape[0] != batch:
+            raise ValueError(f"availability has {m.shape[0]} rows for a batch of {batch}")
+        m = m.expand(batch, N_MOD)
+        if not m.any(1).all():
+            raise NoModalityError("a sample has no available modality: at least one of flair, t1, t1ce, t2 is needed")
+        return m
 
     def _mask_tensor(self, available, batch: int, device) -> torch.Tensor:
         """(B, 4) bool on ``device``. A tensor already on a non-CPU device is used as is (no sync, so
         no check that each row has an available modality)."""
         if torch.is_tensor(available) and available.device.type != "cpu":
-            if available.shape[-1] != N_MOD or available.dim() not in (1, 2):
-                raise ValueError(f"availability must be (4,) or (B, 4), got {tuple(available.shape)}")
-            return available.to(device=device, dtype=torch.bool).expand(batch, N_MOD)
-        return torch.tensor(self.availability(available, batch), dtype=torch.bool, device=device)
+            if available.shape[-1] != N_MOD or available.dim() not in (1, 2) or available.dtype != torch.bool:
+                raise ValueError(f"availability must be a bool mask (4,) or (B, 4), got {tuple(available.shape)}")
+            return available.to(device=device).expand(batch, N_MOD)
+        return self.availability(available, batch).to(device)
 
     # -- encoder side --------------------------------------------------------------------------
 
@@ -606,7 +611,7 @@ class LCKDNet(nn.Module):
           (``Decoder.project_skips``), not once per subset (paper: 17 % of a decode's FLOPs);
         - ``chunk`` subsets (default all) share one decoder call on a batch of chunk*B, which uses
           the CPU better when the decoder's tensors are small, at chunk times the activation memory
-          (``evaluate.predict_subsets`` picks it; benchmarks/run.py, decode what-if)."""
+          (``inference.predict_subsets`` picks it; benchmarks/run.py, decode what-if)."""
         n, B = len(masks), enc.bottleneck.shape[0]
         dev = enc.bottleneck.device
         all_m = torch.stack([self._mask_tensor(a, 1, dev)[0] for a in masks])  # (n, 4)
@@ -636,12 +641,12 @@ class LCKDNet(nn.Module):
         distinct availability pattern is its own graph (at most 15 for batch-shared subsets)."""
         self.check_input(images)
         B = images.shape[0]
-        rows = self.availability(available, B)
-        mask = torch.tensor(rows, dtype=torch.bool, device=images.device)
+        cpu_mask = self.availability(available, B)
+        mask = cpu_mask.to(images.device)
         if naive:
             feats, skips = self._encode_naive(images, mask)
         else:
-            feats, skips = self._encode_available(images, rows)
+            feats, skips = self._encode_available(images, cpu_mask.tolist())
         return self._fuse_decode(feats, skips, mask), feats
 
     # -- cache invalidation and reference weights -------------------------------------------------
@@ -658,73 +663,6 @@ class LCKDNet(nn.Module):
         self._zero_cache = None
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def load_reference_state_dict(self, state_dict: Mapping[str, torch.Tensor]):
-        """See :func:`load_reference_state_dict`."""
-        return load_reference_state_dict(self, state_dict)
 
-
-# ----------------------------------------------------------------------------------------------
-# reference (billhhh/LCKD DualNet) weights
-
-#: name prefixes: reference -> kit (first match wins). Everything below a prefix is identical.
-REFERENCE_RENAMES: tuple[tuple[str, str], ...] = (
-    ("shared_dec.cls_conv.0.", "decoder.cls_conv."),
-    ("shared_enc.", "encoder."),
-    ("shared_dec.", "decoder."),
-)
-#: reference output rows (ET, WT, TC) -> kit rows (ET, TC, WT); the permutation is its own inverse
-_ROW_ORDER = (0, 2, 1)
-# a reference kernel (.., kd, kh, kw) in kit layout (X=H, Y=W, Z=D) is (.., kh, kw, kd); and back
-_TO_KIT, _TO_REF = (0, 1, 3, 4, 2), (0, 1, 4, 2, 3)
-
-
-def _rename(name: str, table) -> str:
-    for src, dst in table:
-        if name.startswith(src):
-            return dst + name[len(src):]
-    raise KeyError(f"no rename rule for parameter {name!r}")
-
-
-def convert_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Reference DualNet state_dict (D, H, W kernels, outputs ET, WT, TC) -> kit names and layout."""
-    out = {}
-    for name, t in state_dict.items():
-        if name.startswith("module."):  # saved from nn.DataParallel
-            name = name[len("module."):]
-        key = _rename(name, REFERENCE_RENAMES)
-        if t.dim() == 5:
-            t = t.permute(_TO_KIT)
-        if key == "decoder.cls_conv.weight":
-            t = t[list(_ROW_ORDER)]
-        out[key] = t.contiguous()
-    return out
-
-
-def load_reference_state_dict(model: LCKDNet, state_dict: Mapping[str, torch.Tensor]) -> LCKDNet:
-    """Load the reference's weights (221 entries, see ``reference_state_dict.tsv``) into a "paper"
-    model, strictly: every entry maps one-to-one. Returns ``model``."""
-    if model.config.spatial_dims != 3:
-        raise ValueError("reference weights are 3-D; build the 'paper' config")
-    model.load_state_dict(convert_reference_state_dict(state_dict), strict=True)
-    return model
-
-
-def to_reference_state_dict(model: LCKDNet) -> dict[str, torch.Tensor]:
-    """Exact inverse of :func:`load_reference_state_dict`: kit model -> reference names, layout, row order."""
-    inverse = tuple((dst, src) for src, dst in REFERENCE_RENAMES)
-    out = {}
-    for key, t in model.state_dict().items():
-        t = t.detach()
-        if key == "decoder.cls_conv.weight":
-            t = t[list(_ROW_ORDER)]
-        if t.dim() == 5:
-            t = t.permute(_TO_REF)
-        out[_rename(key, inverse)] = t.contiguous()
-    return out
-
-
-__all__ = [
-    "ModelConfig", "CONFIGS", "build_model", "config_to_dict", "config_from_dict", "parameter_count",
-    "LCKDNet", "Encoding", "load_reference_state_dict", "to_reference_state_dict",
-    "convert_reference_state_dict", "REFERENCE_RENAMES",
-]
+__all__ = ["ModelConfig", "CONFIGS", "build_model", "config_to_dict", "config_from_dict", "parameter_count",
+           "LCKDNet", "Encoding"]

@@ -15,13 +15,12 @@ Conventions used everywhere in the kit's figures
   patient), anterior / superior up; sagittal slices put anterior on the image left, superior up.
 * One colour per region (:data:`REGION_COLORS`, Okabe-Ito, colour-blind friendly) and one per
   modality (:data:`MODALITY_COLORS`); display names :data:`DISPLAY_NAMES` (FLAIR, T1, T1ce, T2).
-* Dice of two empty masks is 1 (the BraTS convention, as :func:`lckd_kit.evaluate.hard_dice`).
+* Dice of two empty masks is 1 (the BraTS convention, as :func:`lckd_kit.metrics.hard_dice`).
 
 plotly is only needed by the ``*_plotly`` / :func:`region_3d` functions and is imported there.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -67,10 +66,10 @@ _PLANE_LETTERS = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I")
 
 def display_name(modality: str | int) -> str:
     """``"t1ce"`` or ``2`` -> ``"T1ce"``."""
-    return DISPLAY_NAMES[_modality_key(modality)]
+    return DISPLAY_NAMES[modality_key(modality)]
 
 
-def _modality_key(modality: str | int) -> str:
+def modality_key(modality: str | int) -> str:
     """Modality index or (any-case) name -> the kit's lower-case name."""
     if isinstance(modality, (int, np.integer)) and not isinstance(modality, bool):
         return MODALITIES[int(modality)]
@@ -219,7 +218,8 @@ def intensity_window(vol: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> tupl
     return (float(a), float(b)) if b > a else (float(a), float(a) + 1.0)
 
 
-def _show_gray(ax, img2d: np.ndarray, window: tuple[float, float], aspect: float = 1.0, alpha: float = 1.0):
+def show_gray(ax, img2d: np.ndarray, window: tuple[float, float], aspect: float = 1.0, alpha: float = 1.0):
+    """Grey-scale image of one slice in ``window``, without ticks."""
     ax.imshow(img2d, cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest",
               aspect=aspect, alpha=alpha)
     ax.set_xticks([])
@@ -331,7 +331,7 @@ def show_modalities(image: np.ndarray, label_regions: np.ndarray | None = None, 
     for m, ax in enumerate(axes[: len(MODALITIES)]):
         name = DISPLAY_NAMES[MODALITIES[m]]
         ax.set_facecolor("black")
-        _show_gray(ax, sl[m], intensity_window(image[m]), aspect, alpha=1.0 if avail[m] else 0.25)
+        show_gray(ax, sl[m], intensity_window(image[m]), aspect, alpha=1.0 if avail[m] else 0.25)
         if avail[m]:
             ax.set_title(name, fontsize=12, fontweight="bold")
         else:
@@ -340,7 +340,7 @@ def show_modalities(image: np.ndarray, label_regions: np.ndarray | None = None, 
                     color="white", fontsize=16, fontweight="bold", rotation=20, alpha=0.9)
     if with_overlay:
         ax = axes[-1]
-        _show_gray(ax, sl[0], intensity_window(image[0]), aspect)
+        show_gray(ax, sl[0], intensity_window(image[0]), aspect)
         overlay_regions(ax, take_slice(label_regions, plane, index), style="fill")
         ax.set_title("FLAIR + regions", fontsize=12, fontweight="bold")
         fig.legend(handles=region_handles("fill"), loc="outside lower right", ncol=3, fontsize=9, frameon=False)
@@ -398,7 +398,7 @@ def compare_prediction(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, p
         title: figure title (e.g. the case id and the modality subset).
     """
     image = np.asarray(image)
-    mkey = _modality_key(modality)
+    mkey = modality_key(modality)
     vol = image[MODALITIES.index(mkey)] if image.ndim == 4 else image
     if index is None:
         index = best_slice(truth, plane, shape=vol.shape)
@@ -413,7 +413,7 @@ def compare_prediction(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, p
     axes = fig.subplots(1, 3)
     titles = (DISPLAY_NAMES[mkey], "Ground truth", "Prediction  (outline = truth)")
     for ax, t in zip(axes, titles):
-        _show_gray(ax, img, win, aspect)
+        show_gray(ax, img, win, aspect)
         ax.set_title(t, fontsize=11, fontweight="bold")
     overlay_regions(axes[1], t2, style="fill")
     overlay_regions(axes[2], p2, style="fill")
@@ -446,13 +446,13 @@ def _winner_matrix(scores: np.ndarray, winners: Any) -> np.ndarray:
         return win
     if isinstance(winners, Mapping):
         for region, mod in winners.items():
-            win[MODALITIES.index(_modality_key(mod)), REGIONS.index(region)] = True
+            win[MODALITIES.index(modality_key(mod)), REGIONS.index(region)] = True
         return win
     arr = np.asarray(winners)
     if arr.shape == win.shape and arr.dtype == bool:
         return arr.copy()
     for r, mod in enumerate(winners):
-        win[MODALITIES.index(_modality_key(mod)), r] = True
+        win[MODALITIES.index(modality_key(mod)), r] = True
     return win
 
 
@@ -533,11 +533,17 @@ def _subset_columns(d: np.ndarray, show_mean: bool) -> tuple[np.ndarray, list[st
     return d, cols
 
 
-def _diff_limits(d: np.ndarray, vmin, vmax) -> tuple[float, float]:
-    """Symmetric colour limits around 0 for difference maps (so 0 is the neutral colour)."""
+def _diff_limits(d: np.ndarray, vmin, vmax, flagged: np.ndarray | None = None) -> tuple[float, float]:
+    """Symmetric colour limits around 0 for difference maps (so 0 is the neutral colour).
+
+    The scale is set by the cells that are not ``flagged`` (cells resting on convention scores):
+    one stray-voxel case must not wash out every other cell; flagged cells beyond it saturate."""
     if vmin is not None and vmax is not None:
         return float(vmin), float(vmax)
-    finite = np.abs(d[np.isfinite(d)])
+    keep = np.isfinite(d) & (~flagged if flagged is not None else True)
+    if not keep.any():
+        keep = np.isfinite(d)
+    finite = np.abs(d[keep])
     lim = max(float(finite.max()) if finite.size else 0.0, 0.01)
     return -lim, lim
 
@@ -545,7 +551,8 @@ def _diff_limits(d: np.ndarray, vmin, vmax) -> tuple[float, float]:
 def subset_heatmap(dice: np.ndarray, title: str = "Dice for every set of available modalities",
                    vmin: float | None = None, vmax: float | None = None, diff: bool = False,
                    labels: str = "marks", show_mean: bool = False, fmt: str | None = None,
-                   cmap: str | None = None, cbar_label: str | None = None) -> Figure:
+                   cmap: str | None = None, cbar_label: str | None = None,
+                   flagged: np.ndarray | None = None) -> Figure:
     """The 15-subset table as an annotated heatmap (paper Table 1 as a picture).
 
     Args:
@@ -557,14 +564,20 @@ def subset_heatmap(dice: np.ndarray, title: str = "Dice for every set of availab
             heatmap; ``"names"`` -- subset names ("FLAIR + T1ce") as row labels.
         show_mean: add a Mean column (mean over the three regions).
         fmt: annotation format (default ``"{:.3f}"``, ``"{:+.3f}"`` for diff).
+        flagged: optional ``(15, 3)`` bool, cells that rest on cases without that region
+            (``stats.convention_cells``): marked with a dagger and explained under the figure; they
+            do not set the colour scale of a difference map.
 
     Returns:
         Figure; the heatmap axes has 15 rows, 3 (or 4) columns and one text per cell.
     """
     d, cols = _subset_columns(_check_subset_scores(dice), show_mean)
+    flags = np.zeros(d.shape, bool)
+    if flagged is not None:
+        flags[:, :len(REGIONS)] = np.asarray(flagged, bool).reshape(len(SUBSETS), len(REGIONS))
     fmt = fmt or ("{:+.3f}" if diff else "{:.3f}")
     if diff:
-        lo, hi = _diff_limits(d, vmin, vmax)
+        lo, hi = _diff_limits(d, vmin, vmax, flags)
         norm = mcolors.TwoSlopeNorm(vcenter=0.0, vmin=min(lo, -1e-9), vmax=max(hi, 1e-9))
         cm = matplotlib.colormaps[cmap or "RdBu"]
     else:
@@ -583,7 +596,7 @@ def subset_heatmap(dice: np.ndarray, title: str = "Dice for every set of availab
     for i in range(n_rows):
         for j in range(n_cols):
             face = cm(norm(d[i, j])) if np.isfinite(d[i, j]) else (1, 1, 1, 1)
-            ax.text(j, i, _fmt(d[i, j], fmt), ha="center", va="center", fontsize=10,
+            ax.text(j, i, _fmt(d[i, j], fmt) + ("†" if flags[i, j] else ""), ha="center", va="center", fontsize=10,
                     color=_text_color_on(face), fontweight="bold" if cols[j] == "Mean" else "normal")
     ax.set_xticks(range(n_cols), cols, fontsize=11)
     ax.xaxis.tick_top()
@@ -620,8 +633,11 @@ def subset_heatmap(dice: np.ndarray, title: str = "Dice for every set of availab
     for s in ax.spines.values():
         s.set_visible(False)
     label = cbar_label or ("Δ Dice" if diff else "Dice")
-    fig.colorbar(im, ax=ax, label=label, shrink=0.6)
+    fig.colorbar(im, ax=ax, label=label, shrink=0.6, extend="both" if diff and flags.any() else "neither")
     fig.suptitle(title, fontsize=12)
+    if flags.any():
+        fig.text(0.5, 0.01, "† rests on held-out cases without this region: their Dice is 1 or 0 by convention "
+                 "(empty vs empty, or stray voxels), not an overlap", ha="center", fontsize=8, color="0.3", wrap=True)
     return fig
 
 
@@ -701,24 +717,13 @@ def markdown_subset_table(dice: np.ndarray, hd95: np.ndarray | None = None, titl
 # Training history
 # ----------------------------------------------------------------------------------------------
 
-def load_history(path: str | Path) -> list[dict]:
-    """Read a JSON-lines history file (one record per line; blank / truncated lines skipped)."""
-    out = []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line still being written by a live run
-                continue
-    return out
-
-
 def _as_records(records: Iterable[Mapping] | str | Path | None) -> list[Mapping]:
     if records is None:
         return []
     if isinstance(records, (str, Path)):
-        return load_history(records)
+        from lckd_kit.checkpoint import read_history
+
+        return read_history(records)
     return [r for r in records if isinstance(r, Mapping)]
 
 
@@ -894,7 +899,7 @@ def _initial_teachers(records: list[Mapping], before: float) -> list[str]:
     """The teacher set the step records report before step ``before`` (the initial teachers)."""
     for r in _of_kind(records, "step"):
         if r["step"] <= before and r.get("teachers"):
-            return [_modality_key(m) for m in r["teachers"]]
+            return [modality_key(m) for m in r["teachers"]]
     return []
 
 
@@ -940,7 +945,7 @@ def plot_teacher_timeline(records, ax=None) -> Figure:
             mod = e["winners"].get(name)
             if mod is None:
                 continue
-            key = _modality_key(mod)
+            key = modality_key(mod)
             ax.broken_barh([(s0, s1 - s0)], (row - 0.38, 0.76), facecolors=MODALITY_COLORS[key],
                            edgecolor="white", lw=0.8)
             label(s0, s1, row, key, DISPLAY_NAMES[key])
@@ -1275,7 +1280,7 @@ __all__ = [
     "display_name", "pretty_subset", "availability_marks", "plane_axis", "take_slice", "best_slice",
     "intensity_window", "orientation_letters", "overlay_regions", "region_handles", "region_legend",
     "show_modalities", "dice_per_region", "dice_box", "compare_prediction", "score_table_figure", "subset_heatmap",
-    "subset_heatmap_plotly", "markdown_subset_table", "load_history", "mark_stages", "plot_loss", "plot_lr",
+    "subset_heatmap_plotly", "markdown_subset_table", "mark_stages", "plot_loss", "plot_lr",
     "plot_val_dice", "plot_teacher_timeline", "plot_history", "compare_histories", "surface_nets", "mask_mesh",
     "region_3d",
 ]

@@ -3,46 +3,27 @@
 Three layers, so that everything but the clicking is testable without a browser:
 
 * :class:`ExplorerState` -- pure core, no widgets. Holds one case (normalised image, region
-  masks, spacing, name) and a model, encodes the case **once** and decodes any modality subset
-  from that one encoding (cached per subset, so going back to a subset is instant).
+  masks, spacing, name) and a model; the predictions of all 15 modality subsets come from ONE
+  call of :func:`lckd_kit.inference.predict_subsets` -- the same function, window and settings as
+  the 15-subset evaluation, so the explorer's Dice of a subset is the evaluation's for that case.
 * :func:`render_view` -- pure render function: state + subset + slice -> matplotlib ``Figure``.
 * :class:`Explorer` / :class:`SliceViewer` -- thin ipywidgets wrappers: controls whose ``value``
   changes call the core and the render function, and put the PNG of the figure into an
   ``ipywidgets.Image``. Only core controls are used (ipywidgets 7.7 in Colab and 8 both work);
   plotly figures are plain ``go.Figure``s displayed into ``ipywidgets.Output``.
 
-One encoding per case
----------------------
-:meth:`lckd_kit.model.LCKDNet.encode` runs the shared encoder on all four modalities (plus the
-all-zero volume that stands in for a missing one); :meth:`~lckd_kit.model.LCKDNet.decode` turns
-that encoding into the prediction for ANY subset. The encoder is most of the cost, so the
-explorer encodes once and each toggle is a decode.
-
-* Volumes up to :data:`FULL_VOLUME_VOXELS` (after padding; a 96³ phantom is far below) are
-  encoded whole: 3-D models as one sample, 2-D models as a batch of axial slices (in chunks).
-  The volume is zero-padded symmetrically to a size the network accepts, exactly as MONAI's
-  sliding window pads a volume smaller than its window, so the result equals
-  ``predict_subsets(model, image, subsets, roi_size=state.padded_shape)`` (the tests check it).
-  Note that this whole-volume prediction can differ slightly from the sliding-window evaluation
-  with the training roi (a fully convolutional net with InstanceNorm sees more context).
-* Larger volumes (real BraTS cases with the paper model) fall back to
-  :func:`lckd_kit.evaluate.predict_subsets` for all 15 subsets at once (each window is encoded
-  once and decoded 15 times) and cache all 15 results.
-
 Feature blend (an exploration of the model, not a physical quantity)
 ---------------------------------------------------------------------
-``blend`` is one weight ``w_m`` in [0, 1] per modality. For every modality that is selected its
-bottleneck feature becomes ``w_m·f_m + (1−w_m)·fill`` where ``fill`` is the mean of the selected
-modalities' (unblended) features -- the very vector the model puts in the slot of a missing
-modality. Deselected modalities are treated exactly as the model does (zero-input skip
-features, ``fill`` as bottleneck). So ``w = 1`` everywhere is the plain prediction, and
-``w_m = 0`` replaces modality m's bottleneck by the fill **while its skip connections stay its
-own**: the decoder still sees m's fine detail but not its deep summary. That is not the same as
-removing m (removing m also swaps its skips for the zero response and leaves m out of the fill).
-With a single selected modality the fill IS its feature, so every blend gives the plain
-prediction. Implemented without touching the model: :func:`blended_encoding` builds an
-:class:`~lckd_kit.model.Encoding` whose every slot is final, decoded with all four modalities
-marked available (so ``decode`` neither fills nor swaps skips).
+``blend`` is one weight ``w_m`` in [0, 1] per modality. For every selected modality its bottleneck
+feature becomes ``w_m·f_m + (1−w_m)·fill`` where ``fill`` is the mean of the selected modalities'
+(unblended) features -- the very vector the model puts in the slot of a missing modality.
+Deselected modalities are treated exactly as the model does (zero-input skip features, ``fill`` as
+bottleneck). So ``w = 1`` everywhere is the plain prediction, and ``w_m = 0`` replaces modality m's
+bottleneck by the fill **while its skip connections stay its own**: the decoder still sees m's fine
+detail but not its deep summary. That is not the same as removing m (removing m also swaps its
+skips for the zero response and leaves m out of the fill). With a single selected modality the
+fill IS its feature, so every blend gives the plain prediction. See
+:func:`lckd_kit.inference.blended_encoding`; each new blend is one sliding-window pass.
 """
 from __future__ import annotations
 
@@ -56,28 +37,27 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from lckd_kit import ALL_PRESENT, MODALITIES, REGIONS, SUBSETS, as_mask
+from lckd_kit import MODALITIES, REGIONS, SUBSETS, NoModalityError, as_mask
 from lckd_kit import viz
+from lckd_kit.inference import model_config, predict_volume
+from lckd_kit.metrics import hard_dice, nest_regions
 
 N_MOD = len(MODALITIES)
 PLANES: tuple[str, ...] = ("axial", "coronal", "sagittal")
 
-#: largest padded volume (voxels) encoded whole; beyond it the sliding-window fallback is used
-FULL_VOLUME_VOXELS = 160 * 160 * 128
-#: axial slices per encoder call when a 2-D model encodes a whole volume
-SLICES_PER_CHUNK_2D = 16
-
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-#: the trained model the explorer uses by default (written by the kit's demo training)
-DEFAULT_CHECKPOINT = _REPO_ROOT / "checkpoints" / "lckd_small_phantom.pt"
-
 BLEND_NOTE = "an exploration of the model, not a physical quantity"
 WARNING_TEXT = "Select at least one modality"
+
+
+def default_checkpoint():
+    """The trained model the explorer uses by default: the one shipped with the kit."""
+    from lckd_kit.paths import shipped_checkpoint
+
+    return shipped_checkpoint()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,15 +65,10 @@ WARNING_TEXT = "Select at least one modality"
 
 
 def _subset_mask(available) -> tuple[bool, ...]:
-    """``as_mask`` with the one error the explorer expects spelled ``"no modality selected"``."""
+    """``as_mask``; the empty subset is reported as ``NoModalityError("no modality selected")``."""
     if available is None:
-        raise ValueError("no modality selected")
-    try:
-        return as_mask(available)
-    except ValueError as err:
-        if "no modality selected" in str(err):
-            raise ValueError("no modality selected") from None
-        raise
+        raise NoModalityError("no modality selected")
+    return as_mask(available)
 
 
 def _blend_key(blend, mask: Sequence[bool]) -> tuple[float, ...] | None:
@@ -113,35 +88,6 @@ def _blend_key(blend, mask: Sequence[bool]) -> tuple[float, ...] | None:
     return None if all(v == 1.0 for v in key) else key
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def _pad_plan(shape: Sequence[int], divisor: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Smallest padded shape the network accepts and the padding before each axis.
-
-    Every axis is rounded up to a multiple of ``divisor``; if the bottleneck would then be a single
-    voxel the last axis grows by one more ``divisor``. Padding is split as MONAI's sliding window
-    splits it (``diff // 2`` before), so one window of ``padded`` size reproduces this exactly.
-    """
-    padded = [int(-(-int(s) // int(d)) * int(d)) for s, d in zip(shape, divisor)]
-    if int(np.prod([p // d for p, d in zip(padded, divisor)])) < 2:
-        padded[-1] += int(divisor[-1])
-    before = tuple((p - int(s)) // 2 for p, s in zip(padded, shape))
-    return tuple(padded), before
-
-
-def _pad(x: torch.Tensor, before: Sequence[int], padded: Sequence[int]) -> torch.Tensor:
-    """Zero-pad the last ``len(before)`` axes of ``x`` to ``padded``."""
-    spec = []
-    for b, p, s in zip(reversed(before), reversed(padded), reversed(x.shape[-len(before):])):
-        spec += [int(b), int(p) - int(s) - int(b)]
-    return F.pad(x, spec) if any(spec) else x
-
-
 def figure_png(fig: Figure, dpi: int = 90) -> bytes:
     """PNG bytes of a matplotlib figure (what the widgets put into their ``ipywidgets.Image``)."""
     buf = io.BytesIO()
@@ -149,102 +95,17 @@ def figure_png(fig: Figure, dpi: int = 90) -> bytes:
     return buf.getvalue()
 
 
-# ----------------------------------------------------------------------------------------------
-# the blend, as a modified Encoding
-
-
-def blended_encoding(enc, available, blend: Sequence[float]):
-    """An :class:`~lckd_kit.model.Encoding` to decode with ALL modalities marked available.
-
-    Args:
-        enc: ``model.encode(images)`` -- bottleneck ``(B, 4, C, *b)``, skips ``(B, 4, c_i, *s_i)``,
-            zero-input responses ``(C, *b)`` / ``(c_i, *s_i)``.
-        available: the selected subset (anything :func:`lckd_kit.as_mask` reads).
-        blend: ``(4,)`` weights in [0, 1], MODALITIES order (ignored for deselected modalities).
-
-    Returns:
-        Encoding whose slots are final: a selected modality m has bottleneck
-        ``w_m·f_m + (1−w_m)·fill`` and its own skips; a deselected one has ``fill`` and the
-        zero-input skips, where ``fill`` is the mean of the selected modalities' features (the
-        model's own mean filling). ``model.decode(result, ALL_PRESENT)`` then equals
-        ``model.decode(enc, available)`` when every weight is 1.
-    """
-    from lckd_kit.model import Encoding
-
-    mask = _subset_mask(available)
-    f = enc.bottleneck
-    shape = (1, N_MOD) + (1,) * (f.dim() - 2)
-    m = torch.tensor(mask, device=f.device).view(shape)
-    w = torch.as_tensor(np.asarray(blend, dtype=np.float32), device=f.device).to(f.dtype).view(shape)
-    # the same arithmetic as LCKDNet._fuse_decode, so all-ones blends reproduce it bit for bit
-    fill = torch.where(m, f, 0.0).sum(1, keepdim=True) / float(sum(mask))
-    bottleneck = torch.where(m, w * f + (1 - w) * fill, fill)
-    skips = [torch.where(m.view((1, N_MOD) + (1,) * (s.dim() - 2)), s, z) for s, z in zip(enc.skips, enc.zero_skips)]
-    return Encoding(bottleneck, skips, enc.zero_bottleneck, enc.zero_skips)
-
-
-# ----------------------------------------------------------------------------------------------
-# loading a case
-
-
-def _regions_of(case: Mapping[str, Any]) -> np.ndarray | None:
-    """(3, X, Y, Z) uint8 region masks of a loaded case (load_case dict or phantom dict)."""
-    label = case.get("label")
-    if label is None:
-        return None
-    label = np.asarray(label)
-    if label.ndim == 4:  # already regions (load_case)
-        return (label > 0).astype(np.uint8)
-    from lckd_kit.data import labels_to_regions  # an integer label map (phantom.make_case)
-
-    convention = case.get("label_style") or case.get("convention") or "brats2018"
-    return labels_to_regions(label, convention)
-
-
 def load_explorer_case(case_or_path=None) -> dict[str, Any]:
-    """Resolve what the convenience functions accept into a dict with raw ``image`` (4, X, Y, Z),
-    ``label`` (3, X, Y, Z) or None, ``spacing`` and ``name``.
+    """A case for the explorer / slice viewer: ``data.as_case`` of ``case_or_path`` (a case folder,
+    one of its files, a ``Case`` or a loaded dict: a phantom or your own BraTS scan, at any voxel
+    size), or the first bundled demo case when None."""
+    from lckd_kit.data import as_case, find_cases
 
-    ``case_or_path``: None (the first bundled demo case in ``data_samples/``), a folder (its first
-    case), a file of a case (that case), a :class:`lckd_kit.data.Case`, or an already loaded dict
-    (from :func:`lckd_kit.data.load_case` or :func:`lckd_kit.phantom.make_case`).
-    """
-    from lckd_kit.data import Case, find_cases, load_case
-
-    if isinstance(case_or_path, Mapping):
-        case = case_or_path
-        params = case.get("params") or {}
-        name = case.get("name") or (f"phantom seed {params['seed']}" if "seed" in params else "case")
-        return {"image": np.asarray(case["image"], dtype=np.float32), "label": _regions_of(case),
-                "spacing": tuple(float(s) for s in case.get("spacing", (1.0, 1.0, 1.0))), "name": str(name)}
     if case_or_path is None:
-        from lckd_kit.phantom import data_samples_dir
+        from lckd_kit.paths import data_samples_dir
 
-        root = data_samples_dir()
-        try:
-            cases = find_cases(root)
-        except FileNotFoundError:
-            cases = []
-        if not cases:
-            raise FileNotFoundError(
-                f"no demo case in {root}: generate phantoms with `lckd-kit samples --out data/phantoms --n 2` "
-                f"and pass one of their folders, or pass a case dict (lckd_kit.phantom.make_case(0))")
-        case_or_path = cases[0]
-    if not isinstance(case_or_path, Case):
-        path = Path(case_or_path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist")
-        if path.is_dir():
-            case_or_path = find_cases(path)[0]
-        else:  # one file of a case: the case in that folder holding it
-            hits = [c for c in find_cases(path.parent)
-                    if path.resolve() in {Path(p).resolve() for p in c.image_files.values()}
-                    or (c.label_file is not None and Path(c.label_file).resolve() == path.resolve())]
-            if not hits:
-                raise FileNotFoundError(f"{path} is not a file of any case in {path.parent}")
-            case_or_path = hits[0]
-    loaded = load_case(case_or_path)
-    return {"image": loaded["image"], "label": loaded["label"], "spacing": loaded["spacing"], "name": loaded["name"]}
+        case_or_path = find_cases(data_samples_dir())[0]
+    return as_case(case_or_path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,29 +113,32 @@ def load_explorer_case(case_or_path=None) -> dict[str, Any]:
 
 
 class ExplorerState:
-    """One case + one model, encoded once; predictions and Dice of any subset on demand.
+    """One case + one model; predictions and Dice of any subset on demand.
 
     Args:
         model: an :class:`~lckd_kit.model.LCKDNet` (2-D or 3-D); put in eval mode here.
-        image: ``(4, X, Y, Z)`` float, already normalised (:func:`lckd_kit.data.normalize_image`).
+        image: ``(4, X, Y, Z)`` float, raw or normalised (say which with ``normalized``).
         label: ``(3, X, Y, Z)`` region masks (ET, TC, WT) or None (unlabelled: no Dice).
         spacing: voxel size in mm (X, Y, Z), for the pixel aspect and the 3-D view.
         name: shown in titles.
+        affine: the case's ``(4, 4)`` affine (RAS); with ``spacing``, what lets the model's inference
+            resample the case to the voxel size it was trained at and map its output back.
+        normalized: the image is already normalised (else the inference normalises it as the model
+            was trained).
         device: where the model runs (default: the model's device). Results are numpy on the CPU.
-        mode: ``"auto"`` (whole volume up to ``full_volume_voxels``, else sliding window),
-            ``"full"`` or ``"sliding"``.
-        roi_size, overlap: sliding-window settings of the fallback (see ``predict_subsets``).
-        chunk_2d: axial slices per encoder call for 2-D models.
+        predict_kwargs: passed to :func:`~lckd_kit.inference.predict_subsets` (e.g. ``roi_size``);
+            the defaults are the evaluation's.
 
-    Caches: the encoding (``mode == "full"``), the probabilities of each subset, the last few
-    blended predictions and the 15-subset Dice table. ``encode_seconds`` and ``decode_count``
-    say what it cost.
+    The first query predicts all 15 subsets at once (:func:`~lckd_kit.inference.predict_volume`:
+    one sliding-window pass at the model's resolution, each window encoded once) -- exactly what
+    the evaluation does for this case. Subsets are mapped back onto the case's grid when shown
+    (the last few are kept); a blend costs one more pass. ``predict_seconds`` and
+    ``predict_calls`` say what it cost.
     """
 
     def __init__(self, model: torch.nn.Module, image, label=None, spacing: Sequence[float] = (1.0, 1.0, 1.0),
-                 name: str = "case", device=None, mode: str = "auto", full_volume_voxels: int = FULL_VOLUME_VOXELS,
-                 roi_size: Sequence[int] | None = None, overlap: float = 1 / 3, chunk_2d: int = SLICES_PER_CHUNK_2D,
-                 blend_cache_size: int = 8):
+                 name: str = "case", device=None, affine=None, normalized: bool = False, cache_size: int = 8,
+                 **predict_kwargs):
         image = image.detach().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
         if image.ndim != 4 or image.shape[0] != N_MOD:
             raise ValueError(f"image must be (4, X, Y, Z), got {image.shape}")
@@ -288,127 +152,41 @@ class ExplorerState:
             label = (label > 0).astype(np.uint8)
         self.label = label
         self.spacing = tuple(float(s) for s in spacing)
+        self.affine = affine
+        self.normalized = normalized
         self.name = str(name)
         self.model = model.eval()
-        self.device = torch.device(device) if device is not None else _model_device(model)
-        self.config = getattr(model, "config", None) or model.module.config
-        self.two_d = self.config.spatial_dims == 2
-        self.roi_size = roi_size
-        self.overlap = overlap
-        self.chunk_2d = int(chunk_2d)
-
-        if self.two_d:  # slices (X, Y) padded in-plane, Z untouched
-            xy, before = _pad_plan(self.shape[:2], self.config.size_divisor)
-            self.padded_shape, self._before = (*xy, self.shape[2]), (*before, 0)
-        else:
-            self.padded_shape, self._before = _pad_plan(self.shape, self.config.size_divisor)
-        if mode == "auto":
-            mode = "full" if int(np.prod(self.padded_shape)) <= full_volume_voxels else "sliding"
-        if mode not in ("full", "sliding"):
-            raise ValueError(f"mode must be 'auto', 'full' or 'sliding', got {mode!r}")
-        self.mode = mode
-
+        self.config = model_config(model)
+        self.device = device
+        self.predict_kwargs = predict_kwargs
         self.windows = [viz.intensity_window(self.image[m]) for m in range(N_MOD)]  # display ranges
-        self.brain = np.any(self.image != 0, axis=0)  # (X, Y, Z): normalisation keeps the background at 0
-        self._encodings: list | None = None
-        self._probs: dict[tuple[bool, ...], np.ndarray] = {}
-        self._blended: OrderedDict = OrderedDict()
-        self._blend_cache_size = int(blend_cache_size)
+        self.brain = np.any(self.image != 0, axis=0)  # (X, Y, Z): skull-stripped, the background is 0
+        self._plain = None  # CasePrediction of the 15 subsets
+        self._shown: OrderedDict = OrderedDict()  # (mask, blend) -> (3, X, Y, Z) on the case grid
+        self._cache_size = int(cache_size)
         self._all_dice: np.ndarray | None = None
-        self.encode_seconds: float | None = None
-        self.decode_count = 0
-        self.last_decode_seconds = 0.0
+        self.predict_seconds = 0.0
+        self.predict_calls = 0
 
     @classmethod
     def from_case(cls, model: torch.nn.Module, case_or_path=None, **kwargs) -> "ExplorerState":
-        """Load (see :func:`load_explorer_case`), normalise and wrap a case."""
-        from lckd_kit.data import normalize_image
-
+        """Load (see :func:`load_explorer_case`) and wrap a case, at whatever voxel size it has."""
         case = load_explorer_case(case_or_path)
-        return cls(model, normalize_image(case["image"]), case["label"], case["spacing"], case["name"], **kwargs)
+        return cls(model, case["image"], case["label"], case["spacing"] or (1.0, 1.0, 1.0), case["name"],
+                   affine=case.get("affine"), normalized=case.get("normalized", False), **kwargs)
 
     @property
     def labelled(self) -> bool:
         return self.label is not None
 
-    @property
-    def encoded(self) -> bool:
-        """True once the one expensive step (the encoding, or the 15-subset sliding window) ran."""
-        return self.encode_seconds is not None
-
-    # -- the encoding --------------------------------------------------------------------------
-
-    def _crop(self, p: torch.Tensor) -> torch.Tensor:
-        """(..., *padded) -> (..., X, Y, Z)."""
-        idx = tuple(slice(b, b + s) for b, s in zip(self._before, self.shape))
-        return p[(Ellipsis, *idx)]
-
-    @torch.no_grad()
-    def _ensure_encoding(self) -> None:
-        if self._encodings is not None:
-            return
+    def _predict(self, masks, blend=None):
         t0 = time.perf_counter()
-        x = _pad(torch.from_numpy(self.image).to(self.device), self._before, self.padded_shape)
-        if self.two_d:  # (4, X', Y', Z) -> Z samples (4, X', Y'); InstanceNorm is per sample, so
-            # chunking changes nothing but the peak memory
-            slices = x.permute(3, 0, 1, 2).contiguous()
-            self._encodings = [self.model.encode(slices[i:i + self.chunk_2d])
-                               for i in range(0, slices.shape[0], self.chunk_2d)]
-        else:
-            self._encodings = [self.model.encode(x[None])]
-        self.encode_seconds = time.perf_counter() - t0
-
-    @torch.no_grad()
-    def _decode_full(self, mask: tuple[bool, ...], blend: tuple[float, ...] | None) -> np.ndarray:
-        self._ensure_encoding()
-        outs = []
-        for enc in self._encodings:
-            if blend is None:
-                logits = self.model.decode(enc, mask)
-            else:
-                logits = self.model.decode(blended_encoding(enc, mask, blend), ALL_PRESENT)
-            outs.append(torch.sigmoid(logits.float()))
-        p = torch.cat(outs)  # 3-D: (1, 3, *padded); 2-D: (Z, 3, X', Y')
-        p = p.permute(1, 2, 3, 0) if self.two_d else p[0]
-        return self._crop(p).cpu().numpy().astype(np.float32, copy=False)
-
-    def _sliding_all(self) -> None:
-        """Fallback: the 15 subsets in one sliding-window pass, all cached."""
-        from lckd_kit.evaluate import predict_subsets
-
-        t0 = time.perf_counter()
-        probs = predict_subsets(self.model, self.image, SUBSETS, roi_size=self.roi_size, overlap=self.overlap,
-                                device=self.device).numpy()
-        for s, p in zip(SUBSETS, probs):
-            self._probs.setdefault(tuple(s), p)
-        self.encode_seconds = time.perf_counter() - t0
-
-    @torch.no_grad()
-    def _sliding_blend(self, mask: tuple[bool, ...], blend: tuple[float, ...]) -> np.ndarray:
-        """Fallback with a blend: one sliding-window pass (every window encoded again; slow)."""
-        from monai.inferers import sliding_window_inference
-
-        from lckd_kit.evaluate import SLICES_PER_WINDOW_2D
-
-        roi = self.roi_size or ((*self.config.roi_size, SLICES_PER_WINDOW_2D) if self.two_d else self.config.roi_size)
-
-        def predictor(window):  # (b, 4, rx, ry, rz) -> (b, 3, rx, ry, rz), as predict_subsets
-            b, _, rx, ry, rz = window.shape
-            if self.two_d:
-                window = window.permute(0, 4, 1, 2, 3).reshape(b * rz, N_MOD, rx, ry)
-            enc = blended_encoding(self.model.encode(window), mask, blend)
-            out = torch.sigmoid(self.model.decode(enc, ALL_PRESENT).float())
-            if self.two_d:
-                out = out.reshape(b, rz, 3, rx, ry).permute(0, 2, 3, 4, 1)
-            return out
-
-        overlap = (self.overlap, self.overlap, 0.0) if self.two_d else self.overlap
-        x = torch.from_numpy(self.image)[None]
-        out = sliding_window_inference(x, tuple(roi), 1, predictor, overlap=overlap, sw_device=self.device,
-                                       device=self.device)
-        return out[0].float().cpu().numpy()
-
-    # -- public queries ------------------------------------------------------------------------
+        case = {"name": self.name, "image": self.image, "spacing": self.spacing, "affine": self.affine,
+                "normalized": self.normalized}
+        out = predict_volume(self.model, case, masks, device=self.device, blend=blend, **self.predict_kwargs)
+        self.predict_seconds += time.perf_counter() - t0
+        self.predict_calls += 1
+        return out
 
     def probabilities(self, available, blend: Sequence[float] | None = None) -> np.ndarray:
         """Sigmoid probabilities ``(3, X, Y, Z)`` float32 (ET, TC, WT) for one modality subset.
@@ -417,46 +195,33 @@ class ExplorerState:
             available: the subset (bool mask of 4, ``"flair+t1ce"``, indices ...).
             blend: optional ``(4,)`` feature-blend weights (see the module docstring).
 
-        Raises ``ValueError("no modality selected")`` for the empty subset. The first call pays
-        for the encoding; a subset seen before is returned from the cache without decoding.
+        Raises :class:`~lckd_kit.NoModalityError` for the empty subset.
         """
         mask = _subset_mask(available)
-        key = _blend_key(blend, mask)
-        if key is None:
-            if mask in self._probs:
-                return self._probs[mask]
-            if self.mode == "sliding":
-                self._sliding_all()
-                return self._probs[mask]
-        elif (mask, key) in self._blended:
-            self._blended.move_to_end((mask, key))
-            return self._blended[(mask, key)]
-        t0 = time.perf_counter()
-        if self.mode == "full":
-            p = self._decode_full(mask, key)
-        else:
-            p = self._sliding_blend(mask, key)
-        self.decode_count += 1
-        self.last_decode_seconds = time.perf_counter() - t0
-        if key is None:
-            self._probs[mask] = p
-        else:  # continuous slider values: keep only the last few
-            self._blended[(mask, key)] = p
-            while len(self._blended) > self._blend_cache_size:
-                self._blended.popitem(last=False)
-        return p
+        key = (mask, _blend_key(blend, mask))
+        if key not in self._shown:
+            if key[1] is None:
+                if self._plain is None:
+                    self._plain = self._predict(SUBSETS)
+                p = self._plain[SUBSETS.index(mask)]
+            else:
+                p = self._predict([mask], key[1])[0]
+            self._shown[key] = p.numpy()
+            while len(self._shown) > self._cache_size:  # each one is a whole volume: keep a few
+                self._shown.popitem(last=False)
+        self._shown.move_to_end(key)
+        return self._shown[key]
 
-    def prediction(self, available, blend: Sequence[float] | None = None, threshold: float = 0.5) -> np.ndarray:
-        """Binary region masks ``(3, X, Y, Z)`` bool: probability > ``threshold``."""
-        return self.probabilities(available, blend) > threshold
+    def prediction(self, available, blend: Sequence[float] | None = None) -> np.ndarray:
+        """Region masks ``(3, X, Y, Z)`` bool: probability > 0.5, made nested (ET ⊂ TC ⊂ WT) as the
+        evaluation scores them."""
+        return nest_regions(torch.from_numpy(self.probabilities(available, blend) > 0.5)).numpy()
 
     def dice(self, available, blend: Sequence[float] | None = None) -> dict[str, float] | None:
-        """Hard Dice per region (threshold 0.5, both empty = 1) vs the ground truth; None if unlabelled."""
+        """Hard Dice per region (both empty = 1) vs the ground truth; None if unlabelled."""
         if self.label is None:
             _subset_mask(available)  # still report the empty subset
             return None
-        from lckd_kit.evaluate import hard_dice
-
         d = hard_dice(torch.from_numpy(self.prediction(available, blend)), torch.from_numpy(self.label))
         return {r: float(v) for r, v in zip(REGIONS, d.tolist())}
 
@@ -528,7 +293,7 @@ def render_view(state: ExplorerState, available, plane: str = "axial", index: in
     if modality is None:
         shown = 0 if mask[0] else mask.index(True)
     else:
-        shown = MODALITIES.index(viz._modality_key(modality))
+        shown = MODALITIES.index(viz.modality_key(modality))
     key = _blend_key(blend, mask)
     prob = state.probabilities(mask, key)
     dice = state.dice(mask, key)
@@ -543,7 +308,7 @@ def render_view(state: ExplorerState, available, plane: str = "axial", index: in
     gs = fig.add_gridspec(2, 4)
     ax = fig.add_subplot(gs[:, :2])
     ax.set_facecolor("black")
-    viz._show_gray(ax, img[shown], state.windows[shown], aspect)
+    viz.show_gray(ax, img[shown], state.windows[shown], aspect)
     if show_pred:
         viz.overlay_regions(ax, viz.take_slice(prob > 0.5, plane, index), style="fill", alpha=0.45)
     if show_truth and state.label is not None:
@@ -555,7 +320,7 @@ def render_view(state: ExplorerState, available, plane: str = "axial", index: in
         t = fig.add_subplot(gs[m // 2, 2 + m % 2])
         t.set_facecolor("black")
         on = mask[m]
-        viz._show_gray(t, img[m], state.windows[m], aspect, alpha=1.0 if on else 0.25)
+        viz.show_gray(t, img[m], state.windows[m], aspect, alpha=1.0 if on else 0.25)
         label = viz.display_name(m)
         if on and key is not None and key[m] < 1:
             label += f"  (blend {key[m]:.2f})"
@@ -748,8 +513,7 @@ class Explorer:
         blend_box = W.VBox([
             W.HTML(f"<b>Feature blend</b> — <i>{BLEND_NOTE}</i>. 1 = the modality's own bottleneck feature, "
                    "0 = the mean of the selected modalities' features (its skip connections stay its own)."
-                   + (" <i>Slow for this case: every change re-runs the sliding window.</i>"
-                      if state.mode == "sliding" else "")),
+                   + " <i>Every new blend re-runs the sliding window over the case.</i>"),
             W.HBox(self.blend_sliders[:2]), W.HBox(self.blend_sliders[2:]), self.blend_reset])
         self.widget = _css(W.VBox([
             self.info,
@@ -816,11 +580,9 @@ class Explorer:
 
     def _info_html(self) -> str:
         s = self.state
-        how = ("encoded once" if s.mode == "full" else "15 subsets by sliding window")
-        cost = "" if s.encode_seconds is None else f" in {s.encode_seconds:.1f} s"
         return (f"<b>{html.escape(s.name)}</b> — {'×'.join(map(str, s.shape))} voxels, "
-                f"model <code>{html.escape(s.config.name)}</code>, {how}{cost}; "
-                f"{s.decode_count} subset prediction(s) computed, the rest come from the cache")
+                f"model <code>{html.escape(s.config.name)}</code>; all 15 subsets predicted in one sliding-window "
+                f"pass, as the evaluation does ({s.predict_calls} pass(es), {s.predict_seconds:.1f} s so far)")
 
     def refresh(self) -> None:
         """Re-render the view from the current control values."""
@@ -915,13 +677,13 @@ def _load_model(checkpoint, device, model):
         model, checkpoint = checkpoint, None
     if model is not None:
         return model.to(device).eval() if device is not None else model.eval()
-    path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+    path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
     if not path.is_file():
         raise FileNotFoundError(
             f"no trained model at {path}. Train one (minutes on a CPU): `lckd-kit samples --out data/phantoms "
             f"--n 24 --seed 0` then `lckd-kit train --data data/phantoms --config small --out runs/lckd`, and "
             f"pass checkpoint='runs/lckd/final.pt' -- or pass a model object (model=...).")
-    from lckd_kit.train import load_model
+    from lckd_kit.checkpoint import load_model
 
     return load_model(path, device or "cpu")[0]
 
@@ -936,7 +698,7 @@ def explorer(case_or_path=None, checkpoint=None, device=None, model: torch.nn.Mo
         device: where the model runs; default ``"cpu"`` for a checkpoint, the model's own device for
             a model object.
         model: an explicit model (instead of a checkpoint).
-        state_kwargs: passed to :class:`ExplorerState` (e.g. ``mode="sliding"``).
+        state_kwargs: passed to :class:`ExplorerState` (e.g. ``roi_size=...``).
 
     Raises ``FileNotFoundError`` (saying how to train one) when the checkpoint does not exist.
     """
@@ -1022,7 +784,6 @@ def slice_viewer(case_or_path=None, plane: str = "axial", **kwargs) -> SliceView
 
 
 __all__ = [
-    "ExplorerState", "Explorer", "SliceViewer", "render_view", "blended_encoding", "explorer", "slice_viewer",
-    "load_explorer_case", "figure_png", "PLANES", "FULL_VOLUME_VOXELS", "DEFAULT_CHECKPOINT", "BLEND_NOTE",
-    "WARNING_TEXT",
+    "ExplorerState", "Explorer", "SliceViewer", "render_view", "explorer", "slice_viewer", "load_explorer_case",
+    "figure_png", "default_checkpoint", "PLANES", "BLEND_NOTE", "WARNING_TEXT",
 ]

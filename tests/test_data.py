@@ -13,19 +13,11 @@ import pytest
 import torch
 
 from lckd_kit import MODALITIES
-from lckd_kit.data import (
-    CONVENTIONS,
-    Case,
-    LoadCased,
-    find_cases,
-    labels_to_regions,
-    load_case,
-    normalize_image,
-    regions_to_labels,
-    save_prediction,
-    train_transforms,
-    val_transforms,
-)
+from monai.transforms import Compose
+
+from lckd_kit.data import Case, LoadCased, as_case, find_cases, load_case, load_cases, save_prediction
+from lckd_kit.labels import CONVENTIONS, labels_to_regions, regions_to_labels
+from lckd_kit.transforms import normalize_image, train_transforms, val_transforms
 
 SHAPE = (8, 9, 10)
 SUFFIX_2023 = {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w"}
@@ -473,9 +465,9 @@ def test_load_cased_feeds_the_pipelines(tmp_path):
     case = find_cases(tmp_path)[0]
     d = LoadCased()({"case": case, "fold": 3})
     assert d["fold"] == 3 and d["name"] == "Brats18_A_1" and d["image"].shape == (4,) + SHAPE
-    samples = train_transforms((4, 4, 4), num_samples=2, load=True)({"case": case})
+    samples = Compose([LoadCased(), train_transforms((4, 4, 4), num_samples=2)])({"case": case})
     assert [s["image"].shape for s in samples] == [(4, 4, 4, 4)] * 2
-    v = val_transforms(load=True)({"case": case})
+    v = Compose([LoadCased(), val_transforms()])({"case": case})
     assert v["case"] is case and v["image"].shape == (4,) + SHAPE
     with pytest.raises(ValueError, match="expects a Case"):
         LoadCased()({"case": str(tmp_path)})

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from lckd_kit import SUBSETS
+from lckd_kit import as_mask
 from lckd_kit.distill import KD_WEIGHT, distillation_loss, segmentation_loss
 
-torch.set_num_threads(2)
 
 # features (B=1, 4 modalities, C=1, 2 voxels): flair (0, 0), t1 (1, 2), t1ce (3, 1), t2 (-1, 4)
 TINY = torch.tensor([[[[0.0, 0.0]], [[1.0, 2.0]], [[3.0, 1.0]], [[-1.0, 4.0]]]])
@@ -49,7 +49,9 @@ def test_hand_computed_two_teachers_one_missing_modality():
     assert distillation_loss(TINY, avail, teachers, reduction="mean").item() == pytest.approx(7.0 / 6)
     assert distillation_loss(TINY, avail, teachers, pairs="students").item() == pytest.approx(3.0)
     assert distillation_loss(TINY, avail, teachers, pairs="students", reduction="mean").item() == pytest.approx(1.5)
-    assert distillation_loss(TINY, avail, [0, 2]).item() == pytest.approx(7.0)  # teachers as indices
+    with pytest.raises(ValueError, match="bool mask"):  # indices are not a mask: as_mask makes one
+        distillation_loss(TINY, avail, [0, 2])
+    assert distillation_loss(TINY, avail, as_mask([0, 2])).item() == pytest.approx(7.0)
 
 
 def test_matches_reference_formula_random():

@@ -26,19 +26,10 @@ import torch.multiprocessing as mp
 
 from lckd_kit import distributed, phantom
 from lckd_kit.election import elect_teachers
-from lckd_kit.train import (
-    StepBatches,
-    _normalised,
-    get_train_config,
-    infer_roi_size,
-    load_cases,
-    load_checkpoint,
-    load_model,
-    make_batch,
-    read_history,
-    split_cases,
-    train,
-)
+from lckd_kit.batches import StepBatches, make_batch, split_cases, training_cases
+from lckd_kit.checkpoint import load_checkpoint, load_model, read_history
+from lckd_kit.data import as_case
+from lckd_kit.train import get_train_config, train
 
 WORLD = 2
 TIMEOUT_S = 150  # generous for 2 busy cores; a deadlock fails here instead of hanging
@@ -108,9 +99,9 @@ def _worker(rank: int, port: int, root: str, warm: str) -> None:
         cut = train(cfg, cases, out_dir=root / "cut", progress=False, max_steps=3)
         resumed = train(cfg, cases, out_dir=root / "cut", progress=False, resume=True)
         # 1 case for 2 ranks: rank 1's shard is empty and still counts in the reduction
-        _, val_idx = split_cases(len(cases), cfg)
-        one = elect_teachers(full.model, [_normalised(load_cases(cases)[val_idx[0]])] if rank == 0 else [],
-                             roi_size=infer_roi_size(cfg, 2), reduce=distributed.all_reduce_sum)
+        _, val_idx = split_cases(len(cases), cfg.n_val, cfg.seed)
+        one = elect_teachers(full.model, [as_case(cases[val_idx[0]], normalize=True)] if rank == 0 else [],
+                             reduce=distributed.all_reduce_sum)
         steps = one_step_runs(cfg, Path(warm))
     torch.save({
         "state": state_of(full.model), "no_grad": no_grad, "history": full.history,
@@ -236,8 +227,7 @@ def test_election_reduces_over_ranks_even_with_an_empty_shard(run):
     assert r0["one_scores"] == r1["one_scores"] and r0["one_all"] == r1["one_all"]
     model, _ = load_model(run["root"] / "full_rank0" / "final.pt")
     cfg, cases = ddp_config(), make_cases()
-    alone = elect_teachers(model, [_normalised(load_cases(cases)[split_cases(len(cases), cfg)[1][0]])],
-                           roi_size=infer_roi_size(cfg, 2))
+    alone = elect_teachers(model, [as_case(cases[split_cases(len(cases), cfg.n_val, cfg.seed)[1][0]], normalize=True)])
     np.testing.assert_array_equal(np.asarray(r0["one_scores"]), alone.scores)
 
 
@@ -248,7 +238,7 @@ def test_the_same_parameters_are_unused_in_every_step(run):
     assert [n for n, p in model.named_parameters() if p.grad is None] == UNUSED
     for sampling in ("batch", "sample"):
         cfg = get_train_config("tiny", stage2_sampling=sampling)
-        src = StepBatches(load_cases(make_cases()[:3]), cfg, spatial_dims=2, steps=[])
+        src = StepBatches(training_cases(make_cases()[:3]), cfg, spatial_dims=2, steps=[])
         for step in (0, 4, 5, 6):
             batch = make_batch(step, src, cfg)
             model.zero_grad(set_to_none=True)
@@ -283,7 +273,7 @@ def test_torchrun_command_line(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "final.pt", "history.jsonl", "last.pt"]
     assert json.loads((out / "config.json").read_text())["world_size"] == WORLD
     hist = read_history(out)
-    assert [r["kind"] for r in hist] == ["step", "step", "step", "election", "val"]
+    assert [r["kind"] for r in hist] == ["step", "step", "step", "election", "features", "val"]
     model, ckpt = load_model(out / "final.pt")
     assert ckpt["step"] == 3 and ckpt["config"]["world_size"] == WORLD
 
@@ -308,8 +298,8 @@ def test_batches_do_not_depend_on_the_case_cache():
     """Each rank builds its batches alone, so a batch must be a function of the step even when the
     cases are not cached (the z-scoring prefix once ran in place on the case's own array)."""
     cached, uncached = ddp_config(), ddp_config(cache_cases=False)
-    src = StepBatches(load_cases(make_cases()), uncached, spatial_dims=2, steps=[], rank=1, world_size=WORLD)
-    ref = StepBatches(load_cases(make_cases()), cached, spatial_dims=2, steps=[], rank=1, world_size=WORLD)
+    src = StepBatches(training_cases(make_cases()), uncached, spatial_dims=2, steps=[], rank=1, world_size=WORLD)
+    ref = StepBatches(training_cases(make_cases()), cached, spatial_dims=2, steps=[], rank=1, world_size=WORLD)
     for step in (2, 2, 5):
         assert torch.equal(make_batch(step, src, uncached, 1, WORLD)["image"], make_batch(step, ref, cached, 1, WORLD)["image"])
 

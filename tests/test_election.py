@@ -15,10 +15,9 @@ import torch
 
 from lckd_kit import ALL_PRESENT, MODALITIES, REGIONS, SUBSETS
 from lckd_kit.election import SINGLES, ElectionResult, elect_teachers, winners_from_scores
-from lckd_kit.evaluate import hard_dice, predict_subsets, soft_dice
+from lckd_kit.inference import predict_subsets
+from lckd_kit.metrics import hard_dice, soft_dice
 from lckd_kit.model import CONFIGS, build_model
-
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -128,7 +127,7 @@ class ThresholdModel(torch.nn.Module):
 
     def __init__(self, roi=(16, 16, 16)):
         super().__init__()
-        self.config = SimpleNamespace(spatial_dims=3, roi_size=roi, name="stub")
+        self.config = SimpleNamespace(spatial_dims=3, roi_size=roi, size_divisor=(1, 1, 1), name="stub")
         self.dummy = torch.nn.Parameter(torch.zeros(()))
 
     def encode(self, x):

@@ -17,21 +17,10 @@ import torch
 
 from lckd_kit import ALL_PRESENT, SUBSETS, phantom, subset_name
 from lckd_kit.data import find_cases, load_case
-from lckd_kit.evaluate import (
-    HD95_FLAVOUR,
-    EvalResult,
-    evaluate,
-    image_diagonal,
-    nest_regions,
-    per_subset_reference,
-    postprocess_et,
-    predict_case,
-    predict_subsets,
-    region_metrics,
-    score_regions,
-)
+from lckd_kit.evaluate import EvalResult, evaluate
+from lckd_kit.inference import per_subset_reference, predict_case, predict_subsets
+from lckd_kit.metrics import HD95_FLAVOUR, image_diagonal, nest_regions, postprocess_et, region_metrics, score_regions
 from lckd_kit.model import CONFIGS, build_model
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,7 +170,7 @@ def test_shared_encoding_equals_per_subset_inference(name, image_shape, roi):
     label = np.zeros((3, *image_shape[1:]), np.uint8)
     label[:, 10:30, 4:12, 2:7] = 1
     label[0, 14:20] = 0
-    case = {"name": "c0", "image": image.numpy(), "label": label, "spacing": (2.0, 2.0, 2.0)}
+    case = {"name": "c0", "image": image.numpy(), "label": label, "spacing": (2.0, 2.0, 2.0), "normalized": True}
     res = evaluate(model, [case], roi_size=roi)
     ambiguous = (slow - 0.5).abs() < 1e-4  # threshold flips within float noise are not a difference
     assert torch.equal((fast > 0.5) | ambiguous, (slow > 0.5) | ambiguous)
@@ -201,7 +190,7 @@ class RegionStub(torch.nn.Module):
 
     def __init__(self, roi=(16, 16, 16)):
         super().__init__()
-        self.config = SimpleNamespace(spatial_dims=3, roi_size=roi, name="stub")
+        self.config = SimpleNamespace(spatial_dims=3, roi_size=roi, size_divisor=(1, 1, 1), name="stub")
         self.dummy = torch.nn.Parameter(torch.zeros(()))
 
     def encode(self, x):
@@ -209,7 +198,6 @@ class RegionStub(torch.nn.Module):
 
     def decode(self, enc, available):
         return 20 * (enc[:, :3] - 0.5)
-
 
 
 def stub_case(name: str, truth_et: bool, n_pred_et: int = 0) -> dict:
@@ -224,7 +212,7 @@ def stub_case(name: str, truth_et: bool, n_pred_et: int = 0) -> dict:
     else:
         image[0].reshape(-1)[np.flatnonzero(label[1].reshape(-1))[:n_pred_et]] = 1.0
     image[1:3] = label[1:]
-    return {"name": name, "image": image, "label": label, "spacing": (2.0, 2.0, 2.0)}
+    return {"name": name, "image": image, "label": label, "spacing": (2.0, 2.0, 2.0), "normalized": True}
 
 
 def test_postprocessed_rows_are_reported_separately():
@@ -344,7 +332,7 @@ def test_predict_case_writes_nifti_in_the_case_geometry_and_convention(tmp_path,
     assert regions.shape == (3, 32, 32, 32) and regions.dtype == np.uint8
     assert (regions[0] <= regions[1]).all() and (regions[1] <= regions[2]).all()  # nested
     loaded = load_case(case)
-    from lckd_kit.data import labels_to_regions
+    from lckd_kit.labels import labels_to_regions
     back = labels_to_regions(labels[::-1] if flip_x else labels, loaded["convention"])
     np.testing.assert_array_equal(back, regions)
     # a folder as out_path: named after the case and the subset

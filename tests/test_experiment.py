@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from lckd_kit import SUBSETS, cli, experiment
+from lckd_kit import SUBSETS, cli, experiment, stats
+from lckd_kit.checkpoint import load_checkpoint, load_model
 from lckd_kit.evaluate import EvalResult
-from lckd_kit.experiment import group_stats, run_experiment, train_shipped_checkpoint, what_the_numbers_show
-from lckd_kit.train import load_checkpoint, load_model
+from lckd_kit.experiment import rerun_command, run_experiment, train_shipped_checkpoint
+from lckd_kit.report import what_the_numbers_show
 
 TINY = dict(config="tiny", grid=32, n_cases=4, n_test=2, device="cpu", progress=False)
 
@@ -87,24 +88,26 @@ def test_summary_is_generated_from_the_numbers():
     base = np.full((1, 4, 15, 3), 0.6)
     lckd = base.copy()
     lckd[:, :, no_t1ce] += 0.1
-    lines = what_the_numbers_show(lckd, base)
-    text = " ".join(lines)
-    assert "ET and TC score 0.700 (LCKD) vs 0.600 (no-KD), difference +0.100" in text
+    text = " ".join(what_the_numbers_show(lckd, base))
+    assert "ET and TC score 0.700 (LCKD) vs 0.600 (no-KD)" in text
     assert f"WT scores {0.6 + 0.1 * 3 / 7:.3f} (LCKD) vs 0.600 (no-KD)" in text  # 3 of the 7 no-FLAIR subsets lack T1ce
-    assert "one seed" in text.lower()
-    s = group_stats(lckd, base, "full")
-    assert s["diff"] == pytest.approx(0.0)  # all four modalities: no difference
+    # the same +0.1 in every case: the interval is that point, and it excludes zero; one seed is said
+    assert "Core (ET, TC) without T1ce: LCKD − no-KD = +0.100, 95 % interval [+0.100, +0.100]" in text
+    assert "the interval excludes zero, so on these phantoms LCKD scores higher" in text
+    assert "one seed says nothing about seed-to-seed variation" in text
+    assert "significant" not in text
+    assert stats.compare(lckd, base, "full").diff == pytest.approx(0.0)  # all four modalities: no difference
 
-    # three seeds whose differences disagree in sign -> within the seed spread
+    # three seeds whose differences disagree in sign -> the interval includes zero
     lckd3 = np.concatenate([lckd, base + 0.0, base - 0.05])
     base3 = np.concatenate([base] * 3)
-    s = group_stats(lckd3, base3, "all")
-    assert len(s["seed_diffs"]) == 3 and s["seed_sd"] > 0
+    c = stats.compare(lckd3, base3, "all")
+    assert c.n_seeds == 3 and c.low < 0 < c.high and c.seed_diffs == pytest.approx([0.1 * 7 / 15, 0.0, -0.05])
     text3 = " ".join(what_the_numbers_show(lckd3, base3))
-    assert "Across 3 seeds" in text3 and "within the seed-to-seed spread" in text3
+    assert "per seed +0.047, +0.000, -0.050" in text3 and "not evidence of a difference" in text3
     # a single-model summary (quick mode) has no comparison
     single = " ".join(what_the_numbers_show(lckd, None))
-    assert "vs" not in single and "Without T1ce" in single
+    assert "vs" not in single and "Without T1ce" in single and "interval" in single
 
 
 def test_quick_without_checkpoint_says_how_to_make_it(tmp_path, cache):
@@ -167,14 +170,14 @@ def test_cli_evaluate_with_a_checkpoint(tmp_path, cache, shipped, capsys):
 
 
 def test_report_command_reruns_the_same_experiment():
-    from lckd_kit.experiment import SHIPPED_TRAIN_OVERRIDES, _rerun_command
+    from lckd_kit.experiment import SHIPPED_TRAIN_OVERRIDES
 
     out = Path("outputs/demo")
-    assert _rerun_command(out, "small2d", [0], 24, 6, 96, None) == "lckd-kit experiment --out outputs/demo"
-    assert _rerun_command(out, "small", [0, 1], 12, 6, 96, {}) == \
+    assert rerun_command(out, "small2d", [0], 24, 6, 96, None) == "lckd-kit experiment --out outputs/demo"
+    assert rerun_command(out, "small", [0, 1], 12, 6, 96, {}) == \
         "lckd-kit experiment --out outputs/demo --seeds 0 1 --config small --n-cases 12"
     # what the CLI cannot express (a longer schedule, another grid) is given as the Python call
-    py = _rerun_command(out, "small2d", [0, 1, 2], 24, 6, 96, SHIPPED_TRAIN_OVERRIDES)
+    py = rerun_command(out, "small2d", [0, 1, 2], 24, 6, 96, SHIPPED_TRAIN_OVERRIDES)
     assert py.startswith('python -c "from lckd_kit.experiment import run_experiment; run_experiment(')
     assert "'stage1_steps': 1500" in py and "seeds=(0, 1, 2)" in py
-    assert "grid=32" in _rerun_command(out, "small2d", [0], 24, 6, 32, None)
+    assert "grid=32" in rerun_command(out, "small2d", [0], 24, 6, 32, None)

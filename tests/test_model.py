@@ -11,18 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lckd_kit import SUBSETS
-from lckd_kit.model import (
-    CONFIGS, InstanceNorm, LCKDNet, build_model, config_from_dict, config_to_dict, load_reference_state_dict,
-    parameter_count, to_reference_state_dict,
-)
+from lckd_kit import SUBSETS, NoModalityError, as_mask
+from lckd_kit.checkpoint import load_reference_state_dict, to_reference_state_dict
+from lckd_kit.model import CONFIGS, InstanceNorm, LCKDNet, build_model, config_from_dict, config_to_dict, parameter_count
 
-torch.set_num_threads(2)
-
-_ROOT = Path(__file__).resolve().parents[1]
-_TSV_CANDIDATES = [_ROOT / "tests" / "data" / "reference_state_dict.tsv", _ROOT.parent / "shared" / "reference_state_dict.tsv"]
-REFERENCE_TSV = next((p for p in _TSV_CANDIDATES if p.exists()), None)
-needs_tsv = pytest.mark.skipif(REFERENCE_TSV is None, reason="reference_state_dict.tsv not found")
+#: parameter names and shapes of the reference's DualNet (a copy lives in the repository)
+REFERENCE_TSV = Path(__file__).resolve().parent / "data" / "reference_state_dict.tsv"
 PAPER_PARAMS = 43_656_672
 
 
@@ -116,18 +110,22 @@ def test_wrong_sizes_raise(small):
     assert CONFIGS["paper"].size_divisor == (32, 32, 16)
 
 
-def test_availability_formats(small):
+def test_availability_is_a_bool_mask_and_as_mask_reads_the_other_spellings(small):
     x = torch.randn(2, 4, 32, 32, 16)
     small.eval()
     with torch.no_grad():
         ref, _ = small(x, (True, False, True, False))
-        specs = ["flair+t1ce", [0, 2], torch.tensor([1, 0, 1, 0]), torch.tensor([[True, False, True, False]] * 2),
+        masks = [torch.tensor([True, False, True, False]), torch.tensor([[True, False, True, False]] * 2),
                  np.array([True, False, True, False]), [np.bool_(True), np.bool_(False), np.bool_(True), np.bool_(False)]]
-        for spec in specs:
-            torch.testing.assert_close(small(x, spec)[0], ref)
-    with pytest.raises(ValueError):
+        for mask in masks:
+            torch.testing.assert_close(small(x, mask)[0], ref)
+        for spelling in ["flair+t1ce", [0, 2], ["flair", "t1ce"]]:
+            with pytest.raises(ValueError, match="as_mask"):  # the model reads masks only ...
+                small(x, spelling)
+            torch.testing.assert_close(small(x, as_mask(spelling))[0], ref)  # ... as_mask makes one
+    with pytest.raises(NoModalityError):
         small(x, (False,) * 4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="3 rows"):
         small(x, [(True,) * 4] * 3)  # 3 rows for a batch of 2
     small.train()
 
@@ -435,7 +433,6 @@ def test_aspp_global_branch_is_the_reference_constant(small):
 # ---------------------------------------------------------------- reference weights
 
 
-@needs_tsv
 def test_reference_state_dict_round_trip(paper):
     sd = random_reference_state_dict()
     assert len(sd) == 221 and sum(t.numel() for t in sd.values()) == PAPER_PARAMS
@@ -446,7 +443,7 @@ def test_reference_state_dict_round_trip(paper):
         assert back[name].shape == t.shape, name
         assert torch.equal(back[name], t), name
     # DataParallel prefixes are accepted
-    paper.load_reference_state_dict({"module." + k: v for k, v in sd.items()})
+    load_reference_state_dict(paper, {"module." + k: v for k, v in sd.items()})
     with pytest.raises(Exception):
         load_reference_state_dict(paper, {k: v for k, v in sd.items() if "branch5" not in k})
 
@@ -508,7 +505,6 @@ def reference_forward(sd, images, avail):
     return F.interpolate(logits, scale_factor=(1, 2, 2), mode="trilinear"), f
 
 
-@needs_tsv
 def test_paper_matches_reference_forward(paper):
     """Loading reference weights + the kit layout reproduces the reference computation. In float64:
     in float32 the 50 InstanceNorm layers (the last ones over 8 voxels) amplify rounding to ~1e-3."""

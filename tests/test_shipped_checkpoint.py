@@ -16,13 +16,14 @@ import torch
 
 from lckd_kit import ALL_PRESENT, MODALITIES, REGIONS, SUBSETS, cli, subset_name
 from lckd_kit.evaluate import EvalResult, evaluate
-from lckd_kit.experiment import DEMO_N_TEST, SHIPPED_CHECKPOINT, _eval_roi, heldout_phantoms, load_eval_cases
-from lckd_kit.phantom import data_samples_dir
-from lckd_kit.train import CHECKPOINT_FORMAT, load_checkpoint, load_model, train_config_from_dict
+from lckd_kit.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_model
+from lckd_kit.train import train_config_from_dict
+from lckd_kit.experiment import DEMO_N_TEST, heldout_phantoms, load_eval_cases
+from lckd_kit.paths import data_samples_dir, shipped_checkpoint
 
+SHIPPED_CHECKPOINT = shipped_checkpoint()
 EVAL_JSON = SHIPPED_CHECKPOINT.with_name(SHIPPED_CHECKPOINT.stem + "_eval.json")
 README = SHIPPED_CHECKPOINT.parent / "README.md"
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,12 +64,10 @@ def test_readme_states_the_recorded_numbers():
 def test_recorded_all_modality_dice_is_reproduced(shipped, tmp_path):
     model, ckpt = shipped
     recorded = EvalResult.from_json(EVAL_JSON)
-    cfg = train_config_from_dict(ckpt["config"])
     test_dir = heldout_phantoms(DEMO_N_TEST, cache_dir=tmp_path, progress=False)
     cases = load_eval_cases(test_dir)
     assert [c["name"] for c in cases] == recorded.cases
-    again = evaluate(model, cases, subsets=[ALL_PRESENT], roi_size=_eval_roi(cfg), device="cpu",
-                     crop_foreground=True, hd95=False)
+    again = evaluate(model, cases, subsets=[ALL_PRESENT], device="cpu", hd95=False)
     want = recorded.per_case("dice")[:, SUBSETS.index(ALL_PRESENT)]  # (cases, 3)
     got = again.per_case("dice")[:, 0]
     np.testing.assert_allclose(got, want, atol=1e-4)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lckd_kit import REGIONS, SUBSETS, viz
+from lckd_kit.checkpoint import read_history
 from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
 
@@ -246,7 +247,7 @@ def test_plot_history_partial_and_empty(tmp_path):
     # a JSON-lines path works too, with a half-written last line
     path = tmp_path / "history.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in _history(20)) + '\n{"kind": "st')
-    assert len(viz.load_history(path)) == len(_history(20))
+    assert len(read_history(path)) == len(_history(20))
     assert isinstance(viz.plot_teacher_timeline(path), Figure)
 
 

@@ -10,27 +10,21 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from lckd_kit import ALL_PRESENT, REGIONS, SUBSETS, phantom
-from lckd_kit.data import labels_to_regions, normalize_image
-from lckd_kit.evaluate import predict_subsets
-from lckd_kit.model import build_model
-from lckd_kit.widgets import (
-    WARNING_TEXT, Explorer, ExplorerState, SliceViewer, blended_encoding, explorer, render_view,
-)
+from lckd_kit.evaluate import evaluate
+from lckd_kit.inference import blended_encoding, predict_subsets
+from lckd_kit.labels import labels_to_regions
+from lckd_kit.model import CONFIGS, build_model
+from lckd_kit.transforms import normalize_image
+from lckd_kit.widgets import WARNING_TEXT, Explorer, ExplorerState, SliceViewer, explorer, render_view
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These tensors are tiny: with several OpenMP threads on a busy 2-core machine InstanceNorm
-    # spends most of its time spinning (a 32³ decode went from 1.2 s to 0.03 s with one thread).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +50,12 @@ def cropped(case):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return build_model("small").eval()
+    return build_model(dataclasses.replace(CONFIGS["small"], roi_size=(32, 32, 32))).eval()
 
 
 @pytest.fixture
 def state(case, model):
-    return ExplorerState(model, *case, name="phantom-0")
+    return ExplorerState(model, *case, name="phantom-0", normalized=True)
 
 
 @pytest.fixture
@@ -93,89 +87,66 @@ def _visible(widget) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# the core: one encoding, per-subset cache, equality with the sliding-window inference
+# the core: the evaluation's inference, all 15 subsets in one pass, cached
 
 
-def test_one_encoding_and_per_subset_cache(state, count_calls):
+def test_one_pass_predicts_all_15_subsets_and_caches_them(state, count_calls):
     p1 = state.probabilities("flair+t1ce")
     assert p1.shape == (3, 32, 32, 32) and p1.dtype == np.float32
     assert 0.0 <= p1.min() and p1.max() <= 1.0
-    assert count_calls == {"decode": 1, "encode": 1}
-    # the same subset again, spelled differently: from the cache, no decode
+    assert state.predict_calls == 1 and count_calls["decode"] == 15  # one window, 15 subsets decoded
+    # the same subset again, spelled differently, and every other subset: from the cache
     assert state.probabilities((True, False, True, False)) is p1
-    state.dice("flair+t1ce")
-    assert count_calls == {"decode": 1, "encode": 1}
-    # another subset: one more decode, still the one encoding
-    state.probabilities("t2")
-    assert count_calls == {"decode": 2, "encode": 1}
-    assert state.decode_count == 2 and state.encode_seconds is not None
+    for subset in SUBSETS:
+        state.dice(subset)
+    assert state.predict_calls == 1 and count_calls["decode"] == 15 and count_calls["encode"] == 1
 
 
 @pytest.mark.parametrize("subset", ["flair", "t1+t2", "flair+t1ce+t2", ALL_PRESENT])
-def test_probabilities_equal_predict_subsets_non_cubic(cropped, model, subset):
-    # The crop is padded to 32³ (2 voxels before along Y, 6 along Z): one window of that size in
-    # predict_subsets pads the same way, so the shared encoding must give the same numbers.
-    st = ExplorerState(model, *cropped)
-    assert st.mode == "full" and st.padded_shape == (32, 32, 32)
-    ref = predict_subsets(model, cropped[0], [subset], roi_size=st.padded_shape)[0].numpy()
+def test_probabilities_are_predict_subsets_on_a_non_cubic_volume(cropped, model, subset):
+    st = ExplorerState(model, *cropped, normalized=True)
+    ref = predict_subsets(model, cropped[0], [subset])[0].numpy()  # the same defaults as evaluate()
     got = st.probabilities(subset)
     assert got.shape == (3, 32, 28, 20)
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
-def test_2d_model_encodes_slices_in_chunks_and_matches_predict_subsets(cropped):
+@pytest.mark.parametrize("name", ["small", "small2d"])
+def test_explorer_dice_equals_the_evaluation_for_every_subset(cropped, model, name):
+    """The explorer tells the evaluation's story: the same window, inference and thresholds."""
     torch.manual_seed(1)
-    model2d = build_model("small2d").eval()
+    net = model if name == "small" else build_model(dataclasses.replace(CONFIGS["small2d"], roi_size=(32, 16))).eval()
     image, label, spacing = cropped
-    image, label = image[..., 7:13], label[..., 7:13]  # 6 axial slices keep it quick
-    st = ExplorerState(model2d, image, label, spacing, chunk_2d=4)  # 6 slices -> chunks of 4 + 2
-    assert st.padded_shape == (32, 32, 6)
-    for subset in ("t1ce", "flair+t2"):
-        ref = predict_subsets(model2d, image, [subset], roi_size=st.padded_shape)[0].numpy()
-        np.testing.assert_allclose(st.probabilities(subset), ref, atol=1e-5)
-    assert len(st._encodings) == 2
+    st = ExplorerState(net, image, label, spacing, normalized=True)
+    case = {"name": "c", "image": image, "label": label, "spacing": spacing, "normalized": True}
+    ev = evaluate(net, [case], hd95=False).per_case("dice")[0]  # (15, 3)
+    np.testing.assert_array_equal(st.all_subset_dice(), ev)
 
 
-def test_sliding_fallback_caches_all_15_and_blends_like_the_full_encoding(cropped, model, count_calls):
-    full = ExplorerState(model, *cropped)
-    slide = ExplorerState(model, *cropped, mode="sliding", roi_size=(32, 32, 32))
-    p = slide.probabilities("t1")  # one sliding pass decodes all 15 subsets
-    assert count_calls["decode"] == 15 and count_calls["encode"] == 1
-    for s in SUBSETS:
-        slide.probabilities(s)
-    assert count_calls["decode"] == 15
-    np.testing.assert_allclose(p, full.probabilities("t1"), atol=1e-5)
-    blend = (0.2, 1.0, 0.6, 1.0)
-    np.testing.assert_allclose(slide.probabilities("flair+t1ce+t2", blend),
-                               full.probabilities("flair+t1ce+t2", blend), atol=1e-5)
-
-
-def test_no_modality_raises_value_error(state):
+def test_no_modality_raises_value_error(state):  # NoModalityError is a ValueError
     with pytest.raises(ValueError, match="no modality selected"):
         state.probabilities((False, False, False, False))
     with pytest.raises(ValueError, match="no modality selected"):
         render_view(state, (False,) * 4)
 
 
-def test_dice_and_all_subset_dice(state, count_calls):
+def test_dice_and_all_subset_dice(state):
     d = state.dice(ALL_PRESENT)
     assert set(d) == set(REGIONS) and all(0.0 <= v <= 1.0 for v in d.values())
     table = state.all_subset_dice()
     assert table.shape == (15, 3) and np.all((table >= 0) & (table <= 1))
-    assert count_calls["decode"] == 15 and count_calls["encode"] == 1
-    assert state.all_subset_dice() is table  # cached
-    assert count_calls["decode"] == 15
+    assert state.all_subset_dice() is table and state.predict_calls == 1  # cached
     row = SUBSETS.index(ALL_PRESENT)
     np.testing.assert_allclose(table[row], [d[r] for r in REGIONS])
-    # a hand-made Dice of one subset and region
-    pred = state.probabilities("t1") > 0.5
+    # a hand-made Dice of one subset and region: WT of the nested prediction (WT |= TC |= ET)
+    pred = (state.probabilities("t1") > 0.5).any(0)
     t = state.label[2].astype(bool)
-    wt = 2 * (pred[2] & t).sum() / (pred[2].sum() + t.sum())
+    wt = 2 * (pred & t).sum() / (pred.sum() + t.sum())
     assert table[SUBSETS.index((False, True, False, False)), 2] == pytest.approx(wt)
 
 
 def test_unlabelled_case(case, model):
-    st = ExplorerState(model, case[0], None)
+    st = ExplorerState(model, case[0], None, normalized=True)
     assert st.dice("flair") is None
     with pytest.raises(ValueError, match="no ground truth"):
         st.all_subset_dice()
@@ -196,11 +167,13 @@ def test_blend_all_ones_is_the_plain_prediction(case, model, state, count_calls)
             plain = model.decode(enc, mask)
             blended = model.decode(blended_encoding(enc, mask, (1.0, 1.0, 1.0, 1.0)), ALL_PRESENT)
             torch.testing.assert_close(blended, plain, rtol=0, atol=1e-6)
-    # through the state: an all-ones blend is the cached plain prediction, no extra decode
-    n = count_calls["decode"]
+    # through the state: an all-ones blend is the cached plain prediction, no extra pass
     p = state.probabilities("flair+t1")
     assert state.probabilities("flair+t1", blend=(1, 1, 1, 1)) is p
-    assert count_calls["decode"] == n + 1
+    assert state.predict_calls == 1
+    # a real blend is one more pass, cached
+    b = state.probabilities("flair+t1", blend=(0.5, 1, 1, 1))
+    assert state.probabilities("flair+t1", blend=(0.5, 1, 1, 1)) is b and state.predict_calls == 2
 
 
 def test_blend_zero_puts_the_fill_in_the_bottleneck_and_keeps_own_skips(case, model):
@@ -298,7 +271,7 @@ def test_explorer_no_modality_shows_warning_and_keeps_image(state):
 
 
 def test_plane_and_slice_stay_in_range_for_a_non_cubic_volume(cropped, model):
-    ex = Explorer(ExplorerState(model, *cropped))  # 32 × 28 × 20
+    ex = Explorer(ExplorerState(model, *cropped, normalized=True))  # 32 × 28 × 20
     assert ex.slice_slider.max == 19 and 0 <= ex.slice_slider.value <= 19
     for plane, n in (("sagittal", 32), ("coronal", 28), ("axial", 20), ("sagittal", 32), ("axial", 20)):
         ex.slice_slider.value = ex.slice_slider.max  # the far end of the previous plane

@@ -1,0 +1,53 @@
+"""Where the kit's files are: bundled sample data, the shipped checkpoint, the cache.
+
+The folders ``data_samples/`` and ``checkpoints/`` of the repository are installed as the packages
+``lckd_kit.data_samples`` and ``lckd_kit.checkpoints`` (``pyproject.toml``), so they are found
+through ``importlib.resources`` in an editable install, a wheel or a plain ``pip install .`` alike.
+"""
+from __future__ import annotations
+
+import os
+from importlib.resources import files
+from pathlib import Path
+
+SHIPPED_CHECKPOINT_NAME = "lckd_small_phantom.pt"
+
+
+def _package_dir(package: str) -> Path:
+    return Path(str(files(package)))
+
+
+def data_samples_dir() -> Path:
+    """Folder of the bundled tissue prior and demo cases: ``$LCKD_KIT_DATA_SAMPLES`` if set, else the
+    installed ``lckd_kit.data_samples``."""
+    env = os.environ.get("LCKD_KIT_DATA_SAMPLES")
+    return Path(env) if env else _package_dir("lckd_kit.data_samples")
+
+
+def checkpoints_dir() -> Path:
+    """Folder of the shipped checkpoint (the installed ``lckd_kit.checkpoints``)."""
+    return _package_dir("lckd_kit.checkpoints")
+
+
+def shipped_checkpoint() -> Path:
+    """The trained model shipped with the kit (``checkpoints/lckd_small_phantom.pt``)."""
+    return checkpoints_dir() / SHIPPED_CHECKPOINT_NAME
+
+
+def source_checkout() -> Path | None:
+    """The repository folder when the kit runs from a checkout (editable install), else None."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "lckd_kit").is_dir() else None
+
+
+def default_cache_dir() -> Path:
+    """``$LCKD_KIT_CACHE``, else ``<checkout>/.cache/lckd_kit``, else ``~/.cache/lckd_kit``."""
+    env = os.environ.get("LCKD_KIT_CACHE")
+    if env:
+        return Path(env)
+    root = source_checkout()
+    return root / ".cache" / "lckd_kit" if root is not None else Path.home() / ".cache" / "lckd_kit"
+
+
+__all__ = ["data_samples_dir", "checkpoints_dir", "shipped_checkpoint", "source_checkout", "default_cache_dir",
+           "SHIPPED_CHECKPOINT_NAME"]
