@@ -307,7 +307,8 @@ def train_step(net, batch: dict, teachers: Sequence[bool], optimizer, scaler, co
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         logits, feats = net(image, available)
     seg, dice, bce = segmentation_loss(logits.float(), label)
-    use_kd = not config.no_kd and (batch["step"] >= config.stage1_steps or config.stage1_kd)
+    # a model without per-modality features (another method, lckd_kit.methods) has nothing to distil
+    use_kd = not config.no_kd and feats is not None and (batch["step"] >= config.stage1_steps or config.stage1_kd)
     kd = distillation_loss(feats.float(), available, torch.tensor(teachers, device=device), distance=config.kd_distance,
                            pairs=config.kd_pairs, reduction=config.kd_reduction) if use_kd else seg.new_zeros(())
     loss = seg + config.kd_weight * kd
@@ -388,8 +389,9 @@ class _Run:
         self.emit(res.to_record())
         # the mechanism: how close each modality's features are to the others', and how far the
         # mean fill is from a missing modality's own feature (docs/instructor_guide.md)
-        self.emit({"kind": "features", "step": step, **feature_probe(self.model, self.elect_cases, self.device,
-                                                                        reduce)})
+        if hasattr(self.model, "encode"):  # models with per-modality bottleneck features
+            self.emit({"kind": "features", "step": step, **feature_probe(self.model, self.elect_cases, self.device,
+                                                                            reduce)})
         dice = res.all_dice if res.all_dice is not None else validate(
             self.model, self.val_cases, roi_size=c.infer_roi_size, device=self.device, sw_batch_size=c.sw_batch_size,
             crop_foreground=c.infer_crop_foreground, reduce=reduce)
