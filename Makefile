@@ -30,8 +30,10 @@ test-e2e: setup
 demo: setup
 	$(PY) -m lckd_kit experiment --out outputs/demo
 
+# JupyterLab on this machine only (127.0.0.1), behind the login token it prints; as root (containers,
+# cloud VMs) Jupyter refuses to start without --allow-root, so it is passed then and only then.
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ --ip=127.0.0.1 $$(if [ "$$(id -u)" = 0 ]; then echo --allow-root; fi)
 
 bench: setup
 	$(PY) benchmarks/run.py

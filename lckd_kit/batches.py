@@ -125,8 +125,10 @@ class StepBatches(torch.utils.data.Dataset):
     size than ``spacing`` are resampled to it.
 
     Memory: prepared cases are kept (``config.cache_cases``) up to ``config.cache_mb`` MB, the least
-    recently drawn dropped first (a 240x240x155 BraTS case takes ~180 MB prepared); each DataLoader
-    worker holds its own cache.
+    recently drawn dropped first (a 240x240x155 BraTS case takes ~180 MB prepared). With DataLoader
+    workers the budget is for all processes together: the cache is filled before the workers fork
+    (:meth:`fill_cache`; they share its pages) and frozen (:meth:`freeze`): a worker prepares a case
+    outside it on demand and drops it after the batch, so workers never grow their own copies.
     """
 
     def __init__(self, cases: list, config, spatial_dims: int, steps: Sequence[int] = (),
@@ -140,6 +142,26 @@ class StepBatches(torch.utils.data.Dataset):
         self.cases = cases
         self._cache: OrderedDict[int, dict] = OrderedDict()
         self._cache_bytes = 0
+        self._frozen = False
+
+    def _over_budget(self) -> bool:
+        budget = self.config.cache_mb
+        return budget is not None and self._cache_bytes > budget * 2**20
+
+    def fill_cache(self) -> int:
+        """Prepare cases into the cache until it holds them all or the budget is spent; returns how
+        many it holds."""
+        if self.config.cache_cases:
+            for i in range(len(self.cases)):
+                held = len(self._cache)
+                self.prepared(i)
+                if len(self._cache) <= held:  # it had to drop one: the cache is full
+                    break
+        return len(self._cache)
+
+    def freeze(self) -> None:
+        """From now on the cache is read-only: cases outside it are prepared for one use."""
+        self._frozen = True
 
     def prepared(self, i: int) -> dict:
         """Case ``i`` after the deterministic prefix (cached as ``config.cache_cases``/``cache_mb`` say)."""
@@ -150,11 +172,10 @@ class StepBatches(torch.utils.data.Dataset):
         # a copy: the prefix normalises in place, which without the cache would change the case
         # under the next step (and under every DDP rank differently)
         out = self.prefix({"image": np.array(d["image"], dtype=np.float32), "label": d["label"]})
-        if self.config.cache_cases:
+        if self.config.cache_cases and not self._frozen:
             self._cache[i] = out
             self._cache_bytes += _nbytes(out)
-            budget = self.config.cache_mb
-            while budget is not None and self._cache_bytes > budget * 2**20 and len(self._cache) > 1:
+            while self._over_budget() and len(self._cache) > 1:
                 self._cache_bytes -= _nbytes(self._cache.popitem(last=False)[1])
         return out
 

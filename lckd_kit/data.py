@@ -22,6 +22,7 @@ the default, ``convention=`` overrides it (e.g. BraTS 2024 post-treatment data: 
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -230,17 +231,109 @@ def find_cases(root: str | os.PathLike, convention: str | None = None) -> list[C
 # loading and saving
 
 
+def _size(n: int) -> str:
+    for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= f:
+            return f"{n / f:.1f} {unit}"
+    return f"{n} bytes"
+
+
+#: deflate cannot compress by more than about 1032:1, so a .gz file of n bytes never holds more
+_MAX_GZIP_RATIO = 1100
+
+
+def _stored_bytes(path: Path, need: int) -> int:
+    """How many bytes the file holds once decompressed, as far as needed to know whether it holds
+    ``need`` (a .gz: the trailer's ISIZE, else a streamed count that stops at ``need``)."""
+    size = path.stat().st_size
+    if not path.name.lower().endswith(".gz"):
+        return size
+    if size < 18:  # smaller than an empty gzip member
+        return 0
+    if need > _MAX_GZIP_RATIO * size + 1_000_000:
+        return _MAX_GZIP_RATIO * size  # no gzip stream this short can hold that much
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        isize = int.from_bytes(f.read(4), "little")  # uncompressed size mod 2^32 (of the last member)
+    if need < 2**32 and isize >= need:
+        return isize
+    # several gzip members, > 4 GB, or really too short: count, without keeping the data
+    count = 0
+    try:
+        with gzip.open(path, "rb") as g:
+            while count < need:
+                chunk = g.read(1 << 22)
+                if not chunk:
+                    break
+                count += len(chunk)
+    except (OSError, EOFError, ValueError):  # truncated or corrupt: what could be read is what it holds
+        pass
+    return count
+
+
+def _check_stored_size(path: Path, img) -> None:
+    """Refuse a header that describes more voxel data than the file holds, before anything is
+    allocated (a damaged header can claim terabytes)."""
+    shape = tuple(int(s) for s in img.shape)
+    dtype = np.dtype(img.header.get_data_dtype())
+    offset = int(img.header.get_data_offset()) if hasattr(img.header, "get_data_offset") else 0
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize + offset
+    have = _stored_bytes(path, need)
+    if have < need:
+        raise ValueError(f"{path} cannot be read: its header describes {'x'.join(map(str, shape))} {dtype.name} voxels "
+                         f"({_size(need)} with the header) but the file holds {_size(have)}; it is truncated or its "
+                         f"header is damaged: export or download it again")
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a NIfTI file -> (data as stored, affine float64); any failure names the file."""
+    """Read a NIfTI file -> (data as stored, scaled by the header's slope/intercept; affine
+    float64); any failure names the file. The header's size is checked against the file first."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
         img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)  # truncated .gz files only fail here, not in nib.load
     except Exception as e:  # nibabel, gzip, zlib and numpy all raise their own types
         raise ValueError(f"{path} cannot be read: {type(e).__name__}: {e}") from e
+    _check_stored_size(path, img)
+    try:
+        data = np.asanyarray(img.dataobj)  # truncated .gz files only fail here, not in nib.load
+    except Exception as e:
+        raise ValueError(f"{path} cannot be read: {type(e).__name__}: {e}") from e
     return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def _scaling_note(path: Path) -> str:
+    """ " (the header scales stored values by slope 0.5, intercept 0)" when it does, else ""."""
+    try:  # nibabel moves the header's scaling onto the data proxy when it loads a file
+        proxy = nib.load(str(path)).dataobj
+        slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    except Exception:
+        return ""
+    slope = 1.0 if slope is None or not np.isfinite(slope) else float(slope)
+    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+    if (slope, inter) == (1.0, 0.0):
+        return ""
+    return f" (the header scales the stored values by slope {slope:g}, intercept {inter:g})"
+
+
+def _check_label_file(data: np.ndarray, path: Path, conv) -> np.ndarray:
+    """Label values as the file means them (after its scaling): whole numbers of ``conv``."""
+    if np.issubdtype(data.dtype, np.floating):
+        _check_finite(data, path)
+        rounded = np.rint(data)
+        off = np.abs(data - rounded) > 1e-3
+        if off.any():
+            examples = ", ".join(f"{v:g}" for v in np.unique(data[off])[:5])
+            raise ValueError(f"{path}: label values must be whole numbers, but {int(off.sum())} voxels are not (e.g. "
+                             f"{examples}){_scaling_note(path)}; fix the file's scaling or export the labels again")
+        data = rounded
+    try:
+        check_label_values(data, conv, where=str(path))
+    except ValueError as e:
+        note = _scaling_note(path)
+        raise ValueError(f"{e}{note}" if note else str(e)) from None
+    return data
 
 
 def _to_ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -259,11 +352,38 @@ def _check_finite(data: np.ndarray, path: Path) -> None:
         raise ValueError(f"{path}: contains non-finite voxels ({n_nan} NaN, {n_inf} inf)")
 
 
+def _fmt_affine(a: np.ndarray) -> str:
+    return "[" + "; ".join(" ".join(f"{v:.4g}" for v in row) for row in np.asarray(a)[:3]) + "]"
+
+
 def _check_geometry(path: Path, shape, affine, ref_path: Path, ref_shape, ref_affine) -> None:
     if tuple(shape) != tuple(ref_shape):
         raise ValueError(f"{path}: shape {tuple(shape)} differs from {ref_path.name} {tuple(ref_shape)}")
     if not np.allclose(affine, ref_affine, atol=1e-3):
-        raise ValueError(f"{path}: affine differs from {ref_path.name}'s\n{affine}\nvs\n{ref_affine}")
+        raise ValueError(f"{path}: its voxels lie elsewhere in space than {ref_path.name}'s (affine "
+                         f"{_fmt_affine(affine)} vs {_fmt_affine(ref_affine)}); register or resample the files "
+                         f"of a case onto one grid")
+
+
+def _as_stored_like(data: np.ndarray, affine: np.ndarray, ref_affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``data`` reoriented to the axis order and directions of ``ref_affine`` (the same voxels in
+    space: a file stored with a flipped or permuted axis describes the same grid)."""
+    ornt = ornt_transform(io_orientation(affine), io_orientation(ref_affine))
+    if (ornt == [[0, 1], [1, 1], [2, 1]]).all():
+        return data, affine
+    data = apply_orientation(data, ornt)
+    return data, affine @ inv_ornt_aff(ornt, data.shape[:3])
+
+
+def _check_scale(data: np.ndarray, path: Path) -> None:
+    """Refuse intensities whose squares summed over the volume overflow float32, which would make
+    the z-score's statistics inf and the normalised image NaN."""
+    peak = float(np.abs(data).max()) if data.size else 0.0
+    limit = float(np.sqrt(np.finfo(np.float32).max / max(data.size, 1)))
+    if peak > limit:
+        raise ValueError(f"{path}: intensities reach {peak:.3g}, beyond what float32 normalisation can handle "
+                         f"(about {limit:.2g} for {data.size} voxels); the header's scaling (scl_slope) is probably "
+                         f"wrong: fix it or export the image again")
 
 
 def _squeeze3d(data: np.ndarray, path: Path) -> np.ndarray:
@@ -285,6 +405,8 @@ def _load_images(case: Case) -> tuple[np.ndarray, np.ndarray, Path]:
                              f"(dataset.json), got shape {data.shape}")
         image = np.stack([data[..., index[m]] for m in MODALITIES], axis=-1).astype(np.float32)
         _check_finite(image, path)
+        for m in MODALITIES:
+            _check_scale(image[..., MODALITIES.index(m)], path)
         return image, affine, path
 
     ref_path, channels, ref_shape, ref_affine = None, [], None, None
@@ -293,9 +415,11 @@ def _load_images(case: Case) -> tuple[np.ndarray, np.ndarray, Path]:
         data, affine = _read_nifti(path)
         data = _squeeze3d(data, path).astype(np.float32)
         _check_finite(data, path)
+        _check_scale(data, path)
         if ref_path is None:
             ref_path, ref_shape, ref_affine = path, data.shape, affine
-        else:
+        else:  # compared in space: another storage order of the same grid is the same grid
+            data, affine = _as_stored_like(data, affine, ref_affine)
             _check_geometry(path, data.shape, affine, ref_path, ref_shape, ref_affine)
         channels.append(data)
     return np.stack(channels, axis=-1), ref_affine, ref_path
@@ -328,11 +452,9 @@ def load_case(case: Case, reorient: bool = True) -> dict[str, Any]:
         path = Path(case.label_file)
         data, affine = _read_nifti(path)
         data = _squeeze3d(data, path)
-        if np.issubdtype(data.dtype, np.floating):
-            _check_finite(data, path)
-            data = np.rint(data)
+        data = _check_label_file(data, path, conv)
+        data, affine = _as_stored_like(data, affine, original_affine)
         _check_geometry(path, data.shape, affine, ref_path, original_shape, original_affine)
-        check_label_values(data, conv, where=str(path))
         label = data.astype(np.uint8)
 
     affine = original_affine

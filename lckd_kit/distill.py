@@ -161,6 +161,22 @@ def _tumour_crop(image: np.ndarray, label: np.ndarray, roi: Sequence[int]) -> np
 
 
 @torch.no_grad()
+def tumour_features(model, case: dict, device=None) -> torch.Tensor:
+    """The bottleneck features ``(1, 4, C, *s)`` of a window of the model's trained size centred on
+    the case's tumour, all four modalities encoded. ``case``: normalised ``"image"`` (4, X, Y, Z) and
+    ``"label"``, at the model's voxel size."""
+    cfg = getattr(model, "config", None) or model.module.config
+    device = device or next(model.parameters()).device
+    crop = _tumour_crop(np.asarray(case["image"]), case.get("label"), cfg.roi_size)
+    was_training = model.training
+    model.eval()
+    try:
+        return model.encode(torch.from_numpy(crop[None]).to(device)).bottleneck
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
 def feature_probe(model, cases: Sequence[dict], device=None, reduce=None) -> dict:
     """Bottleneck features of a window on each case's tumour, encoded with all four modalities ->
     ``{"l1": (4, 4) feature_distances, "fill_error": (4,) fill_errors, "n_cases"}``, means over cases.
@@ -169,18 +185,10 @@ def feature_probe(model, cases: Sequence[dict], device=None, reduce=None) -> dic
     size; the window is the model's trained one. Training records this at every election.
     ``reduce`` (``distributed.all_reduce_sum``): ``cases`` is this process's shard (maybe empty).
     """
-    cfg = getattr(model, "config", None) or model.module.config
-    device = device or next(model.parameters()).device
     total = np.zeros(N_MOD * N_MOD + N_MOD + 1)
-    was_training = model.training
-    model.eval()
-    try:
-        for c in cases:
-            crop = _tumour_crop(np.asarray(c["image"]), c.get("label"), cfg.roi_size)
-            feats = model.encode(torch.from_numpy(crop[None]).to(device)).bottleneck
-            total += np.concatenate([feature_distances(feats).cpu().numpy().ravel(), fill_errors(feats).numpy(), [1]])
-    finally:
-        model.train(was_training)
+    for c in cases:
+        feats = tumour_features(model, c, device)
+        total += np.concatenate([feature_distances(feats).cpu().numpy().ravel(), fill_errors(feats).numpy(), [1]])
     if reduce is not None:
         total = reduce(total)
     n = max(total[-1], 1)
@@ -189,4 +197,5 @@ def feature_probe(model, cases: Sequence[dict], device=None, reduce=None) -> dic
             "n_cases": int(total[-1])}
 
 
-__all__ = ["distillation_loss", "segmentation_loss", "KD_WEIGHT", "feature_distances", "fill_errors", "feature_probe"]
+__all__ = ["distillation_loss", "segmentation_loss", "KD_WEIGHT", "feature_distances", "fill_errors", "tumour_features",
+           "feature_probe"]

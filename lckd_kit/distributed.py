@@ -35,11 +35,17 @@ What a distributed run means (``N = world_size``):
 * Files: only rank 0 writes config.json, history.jsonl and checkpoints (plain state_dicts without
   DDP's ``module.`` prefix, so they load anywhere with ``train.load_model``). Every rank resumes
   from the same last.pt, so for multi-node runs ``--out`` must be on a filesystem all nodes share.
+* Failures: a rank that raises inside :func:`launch` posts its message in the process group's
+  store and leaves the group, which breaks the other ranks' pending collectives at once; they
+  raise :class:`PeerFailed` quoting the failing rank's message instead of waiting for the
+  process-group timeout (:data:`DEFAULT_TIMEOUT_S`, ``LCKD_KIT_DDP_TIMEOUT_S``), which remains
+  the backstop for a rank that hangs without raising.
 """
 from __future__ import annotations
 
 import inspect
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -48,6 +54,17 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+
+
+#: process-group timeout (seconds) for a collective whose peers neither answer nor fail; long,
+#: because ranks legitimately wait for each other while one loads its cases or writes a checkpoint
+DEFAULT_TIMEOUT_S = 1800.0
+_FAILURE_KEY = "lckd_kit/failure"
+_ACK_KEY = "lckd_kit/failure_seen"
+
+
+class PeerFailed(RuntimeError):
+    """Another rank of the process group failed; the message is that rank's."""
 
 
 @dataclass(frozen=True)
@@ -115,12 +132,16 @@ def local_device(device: torch.device | str, local_rank: int) -> torch.device:
 
 
 def init(device: torch.device | str = "cpu", backend: str | None = None,
-         timeout_s: float = 1800.0) -> tuple[DistInfo, torch.device]:
+         timeout_s: float | None = None) -> tuple[DistInfo, torch.device]:
     """Join the default process group described by the environment (torchrun's variables).
 
     Returns ``(info, device)`` with ``device`` this rank's (``cuda`` -> ``cuda:LOCAL_RANK``, also
     made the current CUDA device). ``backend`` defaults to :func:`backend_for` the device.
+    ``timeout_s``: how long a collective waits for a silent peer (default ``LCKD_KIT_DDP_TIMEOUT_S``
+    or :data:`DEFAULT_TIMEOUT_S`); a peer that raises inside :func:`launch` ends the others sooner.
     """
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("LCKD_KIT_DDP_TIMEOUT_S", DEFAULT_TIMEOUT_S))
     backend = backend or backend_for(device)
     if backend == "nccl" and torch.device(device).type != "cuda":
         raise ValueError(f"backend 'nccl' needs CUDA tensors but the device is {device}: use --device cuda, "
@@ -166,8 +187,69 @@ def launch(device: torch.device | str = "cpu", backend: str | None = None) -> It
     info, device = init(device, backend)
     try:
         yield info, device
+    except BaseException as exc:
+        store = _store()  # kept: the group's store outlives the group while referenced
+        peer = _failure_report(store, info, exc)
+        destroy()  # closes this rank's connections: the others' pending collectives fail now
+        if peer is not None:
+            raise PeerFailed(peer) from exc
+        _wait_for_acks(store, info)
+        raise
     finally:
         destroy()
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # private API, or no group
+        return None
+
+
+def _failure_report(store, info: DistInfo, exc: BaseException) -> str | None:
+    """Post this rank's failure in the group's store, unless another rank failed first: then
+    return that rank's message (this rank's own error is then a consequence of it)."""
+    if store is None:
+        return None
+    own = f"rank {info.rank} failed: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+    try:
+        # a collective broken by a failing peer fails here a moment after that peer posted
+        deadline = time.monotonic() + (2.0 if _looks_like_peer_loss(exc) else 0.0)
+        while True:
+            if store.check([_FAILURE_KEY]):
+                first = store.get(_FAILURE_KEY).decode()
+                if not first.startswith(f"rank {info.rank} "):
+                    store.add(_ACK_KEY, 1)
+                    return first
+                return None
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        store.set(_FAILURE_KEY, own)
+    except Exception:  # the store itself is gone (its host rank ended): nothing to share
+        return None
+    return None
+
+
+def _looks_like_peer_loss(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(w in text for w in ("connection", "closed", "reset", "peer", "timed out", "timeout", "gloo", "nccl",
+                                   "distbackend", "broken pipe"))
+
+
+def _wait_for_acks(store, info: DistInfo, timeout_s: float = 5.0) -> None:
+    """The failing rank may host the store (rank 0 under a plain env:// start): give the others a
+    few seconds to read its message before this process goes."""
+    if store is None or info.world_size == 1:
+        return
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if store.add(_ACK_KEY, 0) >= info.world_size - 1:
+                return
+            time.sleep(0.1)
+    except Exception:
+        return
 
 
 def shard(items: Sequence, rank: int, world_size: int) -> list:
@@ -210,5 +292,5 @@ def barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["DistInfo", "launched", "from_env", "current", "is_main", "backend_for", "local_device", "init",
+__all__ = ["DistInfo", "PeerFailed", "DEFAULT_TIMEOUT_S", "launched", "from_env", "current", "is_main", "backend_for", "local_device", "init",
            "destroy", "launch", "shard", "all_reduce_sum", "barrier"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 import os
 import platform
 import time
@@ -401,6 +402,71 @@ def train_shipped_checkpoint(
 
 
 # --------------------------------------------------------------------------------------------
+# what a notebook needs before it starts
+
+
+@dataclass
+class NotebookSetup:
+    """Device, training config, phantom folders and cached run folders of a teaching notebook.
+
+    Made by :func:`notebook_setup`; ``run_dir(config, kind)`` names a run folder after everything
+    that defines the run, so notebooks 02, 03 and 05 share runs and a second execution trains nothing.
+    """
+
+    device: torch.device
+    config: "TrainConfig"
+    train_dir: Path
+    test_dir: Path
+    n_test: int
+    fast: bool
+
+    def run_dir(self, config=None, kind: str = "lckd") -> Path:
+        import hashlib
+
+        from lckd_kit.train import train_config_to_dict
+
+        config = config or self.config
+        key = json.dumps([train_config_to_dict(config), self.train_dir.name], sort_keys=True)
+        name = config.model if isinstance(config.model, str) else "custom"
+        return default_cache_dir() / "notebook_runs" / f"{kind}_{name}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+    def test_cases(self) -> list[dict]:
+        """The held-out phantoms (never trained on), loaded: raw images, region masks."""
+        return load_cases(self.test_dir, labelled=True)[:self.n_test]
+
+    def __str__(self) -> str:
+        c = self.config
+        return (f"device {self.device}, {torch.get_num_threads()} torch thread(s); config '{c.model}': "
+                f"{c.stage1_steps} + {c.stage2_steps} steps, election every {c.elect_every}\n"
+                f"phantoms: {self.train_dir}\nheld-out: {self.test_dir} ({self.n_test} used)")
+
+
+def notebook_setup(config: str = "auto", seed: int = 0, n_phantoms: int = DEMO_N_CASES, grid: int = DEMO_GRID,
+                   n_test: int = 3, device: str = "auto", fast: bool = False, overrides: dict | None = None,
+                   cues: float = 1.0) -> NotebookSetup:
+    """The one call a notebook makes before training: choose the device and the config, make sure the
+    phantoms and a held-out set exist (generated once, cached).
+
+    ``config="auto"``: ``"small"`` (3-D) on a GPU, ``"small2d"`` (2-D) on a CPU. ``fast``: toy sizes
+    (4 phantoms of 32^3, the seconds-long ``"tiny"`` config, 2 held-out cases) to check that a
+    notebook runs. ``overrides``: TrainConfig fields (e.g. a shorter schedule on a slow laptop).
+    """
+    from lckd_kit.phantom import ensure_phantoms
+    from lckd_kit.train import get_train_config
+
+    dev = _device(device)
+    if config == "auto":
+        config = "small" if dev.type == "cuda" else "small2d"
+    if fast:
+        n_phantoms, grid, config, n_test = 4, 32, "tiny", 2
+    cfg = get_train_config(config, **{"seed": seed, **(overrides or {})})
+    train_dir = ensure_phantoms(n_phantoms, seed=TRAIN_SEED, grid=grid, cues=cues, progress=False)
+    test_dir = heldout_phantoms(max(n_test, 2) if fast else DEMO_N_TEST, grid=grid, progress=False,
+                                train_dir=train_dir, cues=cues)
+    return NotebookSetup(dev, cfg, train_dir, test_dir, n_test, fast)
+
+
+# --------------------------------------------------------------------------------------------
 # workshop preparation
 
 
@@ -445,5 +511,5 @@ def workshop_prep(checkpoint: str | os.PathLike | None = None,
 
 
 __all__ = ["run_experiment", "train_shipped_checkpoint", "workshop_prep", "heldout_phantoms", "load_eval_cases",
-           "example_case", "machine_info", "rerun_command", "TRAIN_SEED", "TEST_SEED", "DEMO_N_CASES", "DEMO_N_TEST",
+           "example_case", "machine_info", "rerun_command", "notebook_setup", "NotebookSetup", "TRAIN_SEED", "TEST_SEED", "DEMO_N_CASES", "DEMO_N_TEST",
            "SHIPPED_TRAIN_OVERRIDES"]

@@ -369,6 +369,7 @@ def predict_case(
     postprocess: bool = False,
     et_min_voxels: float = 500,
     sw_batch_size: int = 1,
+    force: bool = False,
 ):
     """Segment one case from the ``available`` modalities only.
 
@@ -377,7 +378,9 @@ def predict_case(
             voxel size: it is resampled to the model's and the result mapped back (:func:`predict_volume`).
         available: modality mask / name (``"flair+t1ce"``); the other channels are never read.
         out_path: a ``.nii[.gz]`` file, or an existing folder (then ``<folder>/<case>_<subset>.nii.gz``);
-            None returns the regions instead of writing.
+            None returns the regions instead of writing. Checked before anything is computed: never
+            one of the case's own files, nor inside its folder (a later search would read the
+            prediction as part of the case) unless ``force``.
         roi_size: sliding window (default :func:`default_roi`).
         postprocess: apply the reference's small-ET rule (``metrics.postprocess_et``).
 
@@ -391,20 +394,57 @@ def predict_case(
 
     loaded = as_case(case)
     mask = as_mask(available)
+    out = None if out_path is None else prediction_path(loaded, mask, out_path, force=force)
     regions = predict_volume(model, loaded, [mask], roi_size=roi_size, overlap=overlap, device=device,
                              sw_batch_size=sw_batch_size).regions(0)
     if postprocess:
         regions = postprocess_et(regions, loaded["spacing"] or 1.0, et_min_voxels)
     regions = regions.numpy().astype(np.uint8)
-    if out_path is None:
+    if out is None:
         return regions
-    if "original_affine" not in loaded:
-        raise ValueError("writing a prediction needs the case's geometry: pass a data.Case or a load_case dict")
-    out = Path(out_path)
-    if out.is_dir():
-        out = out / f"{loaded['name']}_{subset_name(mask)}.nii.gz"
     return save_prediction(regions, loaded, out)
 
 
-__all__ = ["CasePrediction", "model_input", "predict_volume", "predict_case", "predict_subsets", "per_subset_reference", "default_roi", "model_config", "fold_slices",
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
+def prediction_path(case: dict, available, out_path: str | os.PathLike, force: bool = False) -> Path:
+    """Where :func:`predict_case` writes the prediction of ``case`` (an ``as_case`` dict) for the
+    subset ``available``: ``out_path`` itself (a ``.nii`` / ``.nii.gz`` name) or, for an existing
+    folder, ``<folder>/<case>_<subset>.nii.gz``. Raises ValueError, before any work is done, for
+    another name, a case without geometry, a path whose folder is a file, or (unless ``force``) one
+    of the case's own files or a path inside the case's folder."""
+    import re
+
+    if "original_affine" not in case:
+        raise ValueError("writing a prediction needs the case's geometry: pass a data.Case or a load_case dict")
+    out = Path(out_path)
+    if out.is_dir():
+        out = out / f"{case['name']}_{subset_name(as_mask(available))}.nii.gz"
+    elif re.search(r"\.nii(\.gz)?$", out.name, re.IGNORECASE) is None:
+        raise ValueError(f"{out}: prediction files must end in .nii or .nii.gz (or pass an existing folder)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{out}: {parent} is a file, not a folder; choose another output path")
+            break
+    src = case.get("case")
+    files = [] if src is None or not hasattr(src, "image_files") else \
+        [Path(f) for f in src.image_files.values()] + ([Path(src.label_file)] if src.label_file else [])
+    if not force:
+        for f in files:
+            if out.exists() and f.exists() and os.path.samefile(out, f) or out.resolve() == f.resolve():
+                raise ValueError(f"{out}: is an input file of case {case['name']}; writing there would destroy it: "
+                                 f"choose another output path")
+        if files and _inside(out.parent, files[0].parent):
+            raise ValueError(f"{out}: is inside the folder of case {case['name']} ({files[0].parent}), where the "
+                             f"next search would read it as a file of the case; write elsewhere (or force=True)")
+    return out
+
+
+__all__ = ["CasePrediction", "model_input", "predict_volume", "predict_case", "prediction_path", "predict_subsets", "per_subset_reference", "default_roi", "model_config", "fold_slices",
            "unfold_slices", "blended_encoding", "brain_box", "SLICES_PER_WINDOW_2D"]

@@ -34,6 +34,13 @@ def shipped_checkpoint() -> Path:
     return checkpoints_dir() / SHIPPED_CHECKPOINT_NAME
 
 
+def method_checkpoint(method: str) -> Path:
+    """A model of the committed method comparison (seed 0, small2d schedule): ``checkpoints/
+    compare_<method>.pt`` for ``lckd``, ``dropout``, ``hemis`` or ``regionfusion`` (notebook 06's
+    explorer). Same phantoms, schedule and seed for all four, so they can be compared fairly."""
+    return checkpoints_dir() / f"compare_{method}.pt"
+
+
 def source_checkout() -> Path | None:
     """The repository folder when the kit runs from a checkout (editable install), else None."""
     root = Path(__file__).resolve().parent.parent
@@ -49,5 +56,5 @@ def default_cache_dir() -> Path:
     return root / ".cache" / "lckd_kit" if root is not None else Path.home() / ".cache" / "lckd_kit"
 
 
-__all__ = ["data_samples_dir", "checkpoints_dir", "shipped_checkpoint", "source_checkout", "default_cache_dir",
+__all__ = ["data_samples_dir", "checkpoints_dir", "shipped_checkpoint", "method_checkpoint", "source_checkout", "default_cache_dir",
            "SHIPPED_CHECKPOINT_NAME"]

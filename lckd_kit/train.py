@@ -13,8 +13,17 @@ Determinism: every step's batch is a pure function of ``(seed, step)`` (:mod:`lc
 so a run resumed from a checkpoint ends with bit-identical weights on the CPU.
 
 Run folder (``out_dir``): ``config.json``, ``history.jsonl`` (one JSON record per line),
-``last.pt`` (every ``checkpoint_every`` steps and at the end), ``final.pt`` (at the end); see
-:mod:`lckd_kit.checkpoint`.
+``last.pt`` (every ``checkpoint_every`` steps and at the end) with the one before it kept as
+``last.prev.pt`` until the run ends, ``final.pt`` (at the end, written before the last ``last.pt``);
+see :mod:`lckd_kit.checkpoint`. Nothing a run writes is lost or silently wrong:
+
+* one run per folder (``.lock``; the lock of a process that died is taken over);
+* temporaries of killed runs are removed at the next start; ``resume=True`` falls back to
+  ``last.prev.pt`` when ``last.pt`` is unreadable, and writes a missing ``final.pt``;
+* Ctrl-C / SIGTERM (in the main thread) stop at the next step boundary with a checkpoint, then raise
+  :class:`TrainingInterrupted` (a KeyboardInterrupt); a second one stops at once;
+* a non-finite loss stops the run (:class:`TrainingDiverged`) before it reaches the weights, keeping
+  a checkpoint of the last finite state.
 
 Multi-GPU / multi-node: under ``torchrun`` (an initialised process group) the same loop runs with
 the model in DistributedDataParallel; ``batch_size`` is per rank, each rank builds its slice of
@@ -25,6 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import signal
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +54,7 @@ from lckd_kit.distill import distillation_loss, feature_probe, segmentation_loss
 from lckd_kit.election import ElectionResult, elect_teachers
 from lckd_kit.inference import predict_subsets
 from lckd_kit.metrics import hard_dice
-from lckd_kit.model import CONFIGS, ModelConfig, build_model, config_from_dict, config_to_dict
+from lckd_kit.model import CONFIGS, LCKDNet, ModelConfig, build_model, config_from_dict, config_to_dict
 from lckd_kit.transforms import normalize_image
 
 # --------------------------------------------------------------------------------------------
@@ -146,6 +158,10 @@ TRAIN_CONFIGS: dict[str, TrainConfig] = {
                         stage1_steps=4, stage2_steps=4, elect_every=4, checkpoint_every=2, log_every=1,
                         elect_max_cases=1, n_val=1),
 }
+# The other missing-modality methods (lckd_kit.methods, docs/methods.md) on small2d's / small's
+# schedule, changed only in the model: "dropout_small2d", "hemis_small", "regionfusion_small2d", ...
+TRAIN_CONFIGS.update({f"{m}_{size}": dataclasses.replace(TRAIN_CONFIGS[size], model=f"{m}_{size}")
+                      for m in ("dropout", "hemis", "regionfusion") for size in ("small2d", "small")})
 
 
 def _plain(value):
@@ -185,12 +201,15 @@ def model_config_for(config: TrainConfig, spacing: Sequence[float] | None = None
     window (the training crop), the voxel size (``config.spacing``, else ``spacing``, the data's) and
     the normalisation -- so the checkpoint records what every later inference must do
     (``inference.model_input``)."""
+    from lckd_kit import methods  # every registered method's configs, LCKD's (model.CONFIGS) among them
+
     if isinstance(config.model, dict):
-        base = config_from_dict(config.model)
-    elif config.model in CONFIGS:
-        base = CONFIGS[config.model]
+        base = methods.config_from_dict(config.model)
+    elif config.model in methods.model_configs():
+        base = methods.model_configs()[config.model]
     else:
-        raise ValueError(f"unknown model config {config.model!r}; expected one of {sorted(CONFIGS)} or a dict")
+        raise ValueError(f"unknown model config {config.model!r}; expected one of "
+                         f"{sorted(methods.model_configs())} or a dict")
     voxel = config.spacing or spacing
     return dataclasses.replace(base, roi_size=tuple(config.roi_size or base.roi_size), normalization=config.normalization,
                                spacing=tuple(float(v) for v in voxel) if voxel is not None else None)
@@ -295,12 +314,30 @@ def check_resume(path: Path, ckpt: dict, config: TrainConfig, model_dict: dict, 
                       f"from an uninterrupted one", stacklevel=3)
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite; the weights were not updated with it (the message says where
+    the last finite state was saved)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on request (Ctrl-C, SIGTERM, a notebook's stop button) after saving
+    ``path`` (None when nothing could be saved) at ``step``. A KeyboardInterrupt, so notebooks and
+    scripts stop as they always did."""
+
+    def __init__(self, message: str, step: int | None = None, path: Path | None = None, signum: int | None = None):
+        super().__init__(message)
+        self.step, self.path, self.signum = step, path, signum
+
+
 def train_step(net, batch: dict, teachers: Sequence[bool], optimizer, scaler, config: TrainConfig,
-               device: torch.device, dtype: torch.dtype | None) -> dict[str, float]:
+               device: torch.device, dtype: torch.dtype | None,
+               agree: Callable[[bool], bool] | None = None) -> dict[str, float]:
     """One optimiser step on ``batch`` (under DDP, backward averages the gradients over ranks).
 
     loss = Dice + BCE + kd_weight * KD, KD on in stage 2 and (``stage1_kd``) in stage 1, off for
-    ``no_kd``. Returns the step's loss terms as floats."""
+    ``no_kd``. Returns the step's loss terms as floats. A non-finite loss raises
+    :class:`TrainingDiverged` before anything is updated (with fp16 the GradScaler skips such steps
+    itself); ``agree(bad) -> bad on any rank`` makes that decision the same on every rank."""
     image = batch["image"].to(device, non_blocking=True)
     label = batch["label"].to(device, non_blocking=True).float()
     available = batch["available"].to(device)
@@ -312,6 +349,16 @@ def train_step(net, batch: dict, teachers: Sequence[bool], optimizer, scaler, co
     kd = distillation_loss(feats.float(), available, torch.tensor(teachers, device=device), distance=config.kd_distance,
                            pairs=config.kd_pairs, reduction=config.kd_reduction) if use_kd else seg.new_zeros(())
     loss = seg + config.kd_weight * kd
+    if not scaler.is_enabled():
+        value = loss.item()
+        bad = not math.isfinite(value)
+        if agree is not None:
+            bad = agree(bad)
+        if bad:
+            terms = ", ".join(f"{k} {v.item():.4g}" for k, v in (("dice", dice), ("bce", bce), ("kd", kd)))
+            raise TrainingDiverged(f"the loss became non-finite at step {batch['step'] + 1} ({value} on this "
+                                   f"process: {terms}; lr {optimizer.param_groups[0]['lr']:.3g}, subset "
+                                   f"{batch.get('subset', '?')})")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -331,6 +378,8 @@ class TrainResult:
     config: TrainConfig = None
     split: dict = field(default_factory=dict)  # {"train": [names], "val": [names]}
     step: int = 0  # steps completed
+    start_step: int = 0  # the step it started (resumed) from
+    notes: list[str] = field(default_factory=list)  # what a resume repaired or fell back to
 
     @property
     def teacher_names(self) -> list[str]:
@@ -355,6 +404,7 @@ class _Run:
                              "world_size": world.world_size}
         self.history = ckpt_io.HistoryWriter(None)  # replaced by the run folder's once it is known
         self.safe: int | None = 0
+        self.saved_step: int | None = None  # the step of the checkpoint this process wrote last
 
     @property
     def distributed(self) -> bool:
@@ -368,13 +418,23 @@ class _Run:
             self.callback(record["step"], record)
 
     def save(self, step: int, *names: str, sync: bool = True) -> None:
+        """Write the run's state at ``step`` as each of ``names`` (``last.pt`` keeps its predecessor
+        as ``last.prev.pt``). Non-finite weights are never written over a good checkpoint."""
         if self.out_dir is not None and self.main:
+            bad = [n for n, p in self.model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+            if bad:
+                raise TrainingDiverged(f"the weights became non-finite by step {step} (e.g. {bad[0]}); "
+                                       f"{self.out_dir / 'last.pt'} keeps the last finite state")
             ckpt = ckpt_io.checkpoint_dict(
                 self.model, self.saved_config, optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                 step=step, teachers=list(self.teachers), elections=[e.to_record() for e in self.elections],
                 split=self.split)
             for name in names:
-                ckpt_io.save(ckpt, self.out_dir / name)
+                if name == "last.pt":
+                    ckpt_io.save_rotating(ckpt, self.out_dir / name)
+                else:
+                    ckpt_io.save(ckpt, self.out_dir / name)
+        self.saved_step = step  # on every rank, so they all agree on what is saved
         if sync and self.distributed:  # nobody can go on to read (resume from) a half-written checkpoint
             dist_utils.barrier()
 
@@ -398,14 +458,15 @@ class _Run:
         self.emit({"kind": "val", "step": step, "dice": {r: round(float(v), 6) for r, v in zip(REGIONS, dice)}},
                   completes=True)
 
-    def resume(self, path: Path) -> int:
-        """Load model, optimiser, scaler, teachers, elections and history from ``path``; returns its step."""
-        ckpt = ckpt_io.load_checkpoint(path, self.device)
+    def resume(self, path: Path, ckpt: dict | None = None) -> int:
+        """Load model, optimiser, scaler, teachers, elections and history from ``path`` (or the
+        already loaded ``ckpt`` read from it); returns its step."""
+        ckpt = ckpt if ckpt is not None else ckpt_io.load_checkpoint(path, self.device)
         with warnings.catch_warnings():
             if not self.main:  # one warning per run, not one per rank
                 warnings.simplefilter("ignore")
             check_resume(path, ckpt, self.config, self.saved_config["model_config"], self.world.world_size)
-        self.model.load_state_dict(ckpt["model"])
+        ckpt_io.fit_state_dict(self.model, ckpt["model"], path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -415,10 +476,28 @@ class _Run:
         return self.safe
 
 
-def _resume_path(resume, out_dir: Path | None, world) -> Path | None:
-    path = None
-    if resume is True and out_dir is not None and (out_dir / "last.pt").is_file():
-        path = out_dir / "last.pt"
+def _resume_path(resume, out_dir: Path | None, world, device, notes: list[str]) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from and its contents: ``resume`` itself when it is a path; for
+    ``True``, ``out_dir/last.pt``, or ``last.prev.pt`` when ``last.pt`` is missing or unusable
+    (saying so in ``notes``); (None, None) for a fresh start."""
+    path, ckpt = None, None
+    if resume is True and out_dir is not None:
+        last = out_dir / "last.pt"
+        prev = ckpt_io.previous_path(last)
+        problem = None
+        if last.is_file():
+            try:
+                path, ckpt = last, ckpt_io.load_checkpoint(last, device)
+            except ckpt_io.CheckpointError as e:
+                problem = str(e)
+        elif prev.is_file():
+            problem = f"{last} is missing"
+        if problem is not None:
+            if not prev.is_file():
+                raise ckpt_io.CheckpointError(f"cannot resume: {problem}; there is no {prev.name} to fall back to: "
+                                              f"start over without resume (or --resume) in another folder")
+            path, ckpt = prev, ckpt_io.load_checkpoint(prev, device)
+            notes.append(f"{problem.rstrip('.')}; resumed from {prev} (step {ckpt['step']}) instead")
     elif resume not in (False, True, None):
         path = Path(resume)
     if world.world_size > 1:  # all ranks must resume from the same file, or none
@@ -426,16 +505,51 @@ def _resume_path(resume, out_dir: Path | None, world) -> Path | None:
         if 0 < seen < world.world_size:
             raise ValueError(f"checkpoint {path or out_dir / 'last.pt'} is visible to {seen} of "
                              f"{world.world_size} ranks: out_dir must be on a filesystem all nodes share")
-    return path
+    return path, ckpt
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM while training: the first asks the loop to stop at the next step boundary
+    (where the state is consistent and can be saved), a second stops at once. Handlers can only be
+    installed in the main thread; elsewhere (a training thread) KeyboardInterrupt works as before."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise _StopNow(f"stopped at once by a second {signal.Signals(signum).name}")
+        self.signum = signum
+
+    def install(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    previous = signal.signal(sig, self._handle)
+                except (ValueError, OSError):
+                    continue
+                self._previous[sig] = signal.SIG_DFL if previous is None else previous
+        return self
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+
+class _StopNow(KeyboardInterrupt):
+    """A second interrupt: stop without saving (the last regular checkpoint stays)."""
 
 
 def _batches(source: StepBatches, config: TrainConfig):
     """Iterate the batches of ``source.steps``, built ahead by DataLoader workers if configured."""
     if config.num_workers == 0:
         return (source[k] for k in range(len(source)))
-    if config.cache_cases:  # fill the cache before the workers fork: shared, not copied
-        for i in range(len(source.cases)):
-            source.prepared(i)
+    # fill the cache before the workers fork (they share its pages), then freeze it so that no
+    # worker grows a cache of its own: the budget then holds for all processes together
+    source.fill_cache()
+    source.freeze()
     return torch.utils.data.DataLoader(source, batch_size=None, num_workers=config.num_workers,
                                        persistent_workers=False, prefetch_factor=2)
 
@@ -492,6 +606,28 @@ def train(
         raise ValueError(f"the process group uses NCCL, which reduces CUDA tensors only, but device is {device}: "
                          f"train on cuda, or init the group with backend 'gloo' for the CPU")
     out_dir = Path(out_dir) if out_dir is not None else None
+    notes: list[str] = []
+    # one writer per run folder; what killed runs left behind goes before anything is read
+    lock = ckpt_io.RunLock(out_dir) if out_dir is not None and world.is_main else None
+    if lock is not None:
+        lock.acquire()
+        if lock.took_over is not None:
+            notes.append(f"{out_dir}: took over the lock of a run that is no longer running "
+                         f"(PID {lock.took_over.get('pid', '?')}, since {lock.took_over.get('since', '?')})")
+        ckpt_io.remove_orphans(out_dir)
+    try:
+        return _train(config, data, out_dir, device, resume, callback, progress, max_steps, world, notes)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: TrainConfig, data, out_dir: Path | None, device: torch.device, resume, callback, progress: bool,
+           max_steps: int | None, world, notes: list[str]) -> TrainResult:
+    """:func:`train` once the run folder is locked."""
+    distributed = world.world_size > 1
+    for note in notes:
+        warnings.warn(note, stacklevel=3)
 
     # -- data, split and the model's input contract (a function of the case list and the seed)
     cases = training_cases(data)
@@ -509,23 +645,32 @@ def train(
 
     # -- model and optimiser; the same seed on every rank gives the same initial weights
     torch.manual_seed(config.seed)
-    model = build_model(model_cfg).to(device)
+    from lckd_kit import methods
+
+    model = methods.build(model_cfg).to(device)  # LCKDNet, or another registered method's model
     optimizer = build_optimizer(model, config)
     dtype = amp_dtype(config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    resume_from = _resume_path(resume, out_dir, world)
+    n_notes = len(notes)
+    resume_from, resumed = _resume_path(resume, out_dir, world, device, notes)
+    for note in notes[n_notes:]:
+        warnings.warn(note, stacklevel=3)
     records = []
     if resume_from is not None and out_dir is not None:  # keep the records up to the checkpoint
         records = ckpt_io.read_history(out_dir)
-    # The parameters and the set of those that get a gradient are the same in every step: the
+    # LCKD: the parameters and the set of those that get a gradient are the same in every step: the
     # encoder is shared by all modalities (a missing one removes no path) and the only unused ones,
     # ASPP branch5_conv.weight and branch5_norm.weight, never are (the global branch is a constant,
     # model.ASPP.global_branch). So static_graph: DDP learns them in step 1 and leaves their grads
     # None, without find_unused_parameters' graph walk every step (tests/test_distributed.py pins it).
+    # Methods with one encoder per modality leave a missing modality's encoder unused, a set that
+    # changes with the subset: they need DDP's search for unused parameters.
+    shared = isinstance(model, LCKDNet)
     net = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True) if distributed else model
+        model, device_ids=[device.index] if device.type == "cuda" else None, static_graph=shared,
+        find_unused_parameters=not shared) if distributed else model
     run = _Run(config, model, net, optimizer, scaler, out_dir, world, split, elect_cases, val_cases, device, callback)
-    start = run.resume(resume_from) if resume_from is not None else 0
+    start = run.resume(resume_from, resumed) if resume_from is not None else 0
     kept = [r for r in records if r.get("step", 0) <= start]  # records after the checkpoint are redone
     if distributed:  # every rank has read the old history before rank 0 rewrites it
         dist_utils.barrier()
@@ -545,6 +690,18 @@ def train(
     if progress and run.main:
         from tqdm.auto import tqdm
         bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    stop = _StopRequest().install()
+
+    def agree(bad: bool) -> bool:
+        """Whether any rank's loss is non-finite; under DDP the stop request is shared too, so
+        every rank stops at the same step boundary (one small all-reduce per step)."""
+        if not distributed:
+            return bad
+        flags = dist_utils.all_reduce_sum(np.array([float(bad), float(stop.signum is not None)]))
+        if flags[1] > 0 and stop.signum is None:
+            stop.signum = signal.SIGTERM  # another rank was asked to stop
+        return bool(flags[0] > 0)
+
     try:
         if start == 0 and config.elect_at_start:
             run.elect(0)
@@ -560,7 +717,7 @@ def train(
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            losses = train_step(net, batch, run.teachers, optimizer, scaler, config, device, dtype)
+            losses = train_step(net, batch, run.teachers, optimizer, scaler, config, device, dtype, agree=agree)
             run.safe = None  # the weights moved on; the step's bookkeeping is still owed
             window.append(losses)
             done = step + 1
@@ -577,8 +734,32 @@ def train(
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses['loss']:.3f}", teachers="+".join(
                     m for m, t in zip(MODALITIES, run.teachers) if t))
+            if stop.signum is not None and done < end:  # asked to stop: at this boundary all is consistent
+                if run.saved_step != done:
+                    run.save(done, "last.pt")  # every rank got here: the barrier is safe
+                name = signal.Signals(stop.signum).name
+                where = f"saved {out_dir / 'last.pt'} at step {done}" if out_dir is not None else \
+                    f"stopped at step {done} (no out_dir: nothing saved)"
+                raise TrainingInterrupted(f"{name}: {where}", step=done,
+                                          path=out_dir / "last.pt" if out_dir is not None else None, signum=stop.signum)
         if end > start:
-            run.save(end, "last.pt", *(("final.pt",) if end == config.total_steps else ()))
+            # final.pt first: a kill between the two files leaves last.pt one checkpoint back, and
+            # resuming from it redoes the last steps and writes both again
+            run.save(end, *(("final.pt",) if end == config.total_steps else ()), "last.pt")
+        elif start == config.total_steps and out_dir is not None and run.main and not (out_dir / "final.pt").is_file():
+            run.save(start, "final.pt", sync=False)
+            notes.append(f"{out_dir / 'final.pt'} was missing: written from the finished run's "
+                         f"{resume_from.name} (step {start})")
+            warnings.warn(notes[-1], stacklevel=2)
+        if distributed and start == config.total_steps:
+            dist_utils.barrier()
+        if end == config.total_steps and out_dir is not None and run.main:
+            ckpt_io.previous_path(out_dir / "last.pt").unlink(missing_ok=True)  # finished: final.pt is the fallback
+    except TrainingInterrupted:
+        raise
+    except _StopNow as e:  # a second interrupt: out at once, the last regular checkpoint stays
+        last = out_dir / "last.pt" if out_dir is not None and (out_dir / "last.pt").is_file() else None
+        raise TrainingInterrupted(str(e), step=run.saved_step, path=last, signum=stop.signum) from None
     except KeyboardInterrupt:
         # Interrupted (e.g. a notebook's stop button): keep what is consistent so resume=True
         # continues from there. Not possible in the middle of an update or its bookkeeping.
@@ -586,14 +767,29 @@ def train(
             run.save(run.safe, "last.pt", sync=False)  # no barrier: the other ranks may not be interrupted
             warnings.warn(f"interrupted: saved {out_dir / 'last.pt' if out_dir else 'nothing'} at step {run.safe}")
         raise
+    except TrainingDiverged as e:
+        # the weights of the last complete step are still finite (the bad step changed nothing)
+        saved = ""
+        if run.safe is not None and run.safe > start and run.main and out_dir is not None:
+            try:
+                run.save(run.safe, "last.pt", sync=False)
+                saved = f"; saved the last finite state to {out_dir / 'last.pt'} (step {run.safe})"
+            except TrainingDiverged:
+                pass
+        if not saved and out_dir is not None and (out_dir / "last.pt").is_file():
+            saved = f"; {out_dir / 'last.pt'} holds the last checkpoint"
+        raise TrainingDiverged(f"training stopped: {e}{saved}; lower the learning rate or check the data, then "
+                               f"resume (resume=True / --resume) or start over") from None
     finally:
+        stop.restore()
         if bar is not None:
             bar.close()
         run.history.close()
         torch.use_deterministic_algorithms(det_before)
     model.eval()
     return TrainResult(model=model, history=run.history.records, teachers=run.teachers, elections=run.elections,
-                       out_dir=out_dir, config=config, split=split, step=max(end, start))
+                       out_dir=out_dir, config=config, split=split, step=max(end, start), start_step=start,
+                       notes=notes)
 
 
 def split_for(cases: list, config: TrainConfig) -> tuple[list[int], list[int]]:

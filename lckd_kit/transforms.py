@@ -80,6 +80,15 @@ def normalize_image(image, method: str = "zscore"):
             brain = x[m] != 0
             x[m] = np.where(brain, clip_upper_tail(x[m]), 0.0)
     out = np.asarray(_zscore(x), dtype=np.float32)
+    if not np.isfinite(out).all():  # e.g. intensities so large that float32 statistics overflow
+        from lckd_kit import MODALITIES
+
+        bad = [m for m in range(out.shape[0]) if not np.isfinite(out[m]).all()]
+        names = ", ".join(MODALITIES[m] if out.shape[0] == len(MODALITIES) else f"channel {m}" for m in bad)
+        original = image.detach().cpu().numpy() if tensor else np.asarray(image)  # x was z-scored in place
+        peak = max(float(np.abs(original[m]).max()) for m in bad)
+        raise ValueError(f"normalising {names} gave non-finite values (intensities up to {peak:.3g}); the image's "
+                         f"scaling is wrong: fix the file's header (scl_slope) or rescale the image")
     return torch.from_numpy(out) if tensor else out
 
 

@@ -124,6 +124,12 @@ def _new_figure(figsize: tuple[float, float]) -> Figure:
     return Figure(figsize=figsize, layout="constrained")
 
 
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A figure for the kit's notebooks and reports (see :func:`_new_figure`): shown as a PNG in
+    Jupyter, never through pyplot."""
+    return _new_figure(figsize)
+
+
 def _text_color_on(rgba: Sequence[float]) -> str:
     """Black or white, whichever reads better on a cell of colour ``rgba``."""
     r, g, b = rgba[:3]
@@ -796,7 +802,7 @@ def _axes(ax, figsize=(8, 3.2)):
 
 def plot_loss(records, ax=None, smooth: float = 0.9, logy: bool = False,
               terms: Sequence[str] = ("loss", "dice_loss", "bce", "kd"), show_lr: bool = False,
-              stage_labels: bool = True) -> Figure:
+              stage_labels: bool = True, kd_weight: float | None = None) -> Figure:
     """Loss terms over training steps: faint raw values, bold smoothed curves, stage 2 shaded.
 
     Args:
@@ -805,6 +811,8 @@ def plot_loss(records, ax=None, smooth: float = 0.9, logy: bool = False,
         logy: logarithmic loss axis.
         terms: record keys to plot (missing / non-finite ones are skipped).
         show_lr: also draw the learning rate on a twin y axis.
+        kd_weight: the run's KD weight: the KD curve is then drawn as ``kd_weight x KD``, the part
+            of the total it makes up (None: the unweighted KD term, labelled so).
     """
     records = _as_records(records)
     fig, ax = _axes(ax)
@@ -820,6 +828,11 @@ def plot_loss(records, ax=None, smooth: float = 0.9, logy: bool = False,
         if not np.isfinite(y).any():
             continue
         col, lab = LOSS_COLORS.get(key, None), LOSS_LABELS.get(key, key)
+        if key == "kd":
+            if kd_weight is not None:
+                y, lab = y * kd_weight, f"{kd_weight:g} × KD (its part of the total)"
+            else:
+                lab = "KD (unweighted; the total adds kd_weight × KD)"
         lw = 2.2 if key == "loss" else 1.6
         if smooth > 0 and len(y) > 2:
             ax.plot(x, y, color=col, alpha=0.18, lw=0.8)
@@ -836,7 +849,11 @@ def plot_loss(records, ax=None, smooth: float = 0.9, logy: bool = False,
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     mark_stages(ax, records, label=stage_labels)
-    ax.legend(**_OUTSIDE_LEGEND)
+    handles, _ = ax.get_legend_handles_labels()
+    if smooth > 0 and len(x) > 2:  # say what the faint lines are
+        handles.append(Line2D([], [], color="#222222", alpha=0.25, lw=0.8,
+                              label="faint: each logged mean (every log_every steps); bold: smoothed"))
+    ax.legend(handles=handles, **_OUTSIDE_LEGEND)
     if show_lr:
         plot_lr(records, ax=ax.twinx(), twin=True)
     return fig
@@ -963,16 +980,17 @@ def plot_teacher_timeline(records, ax=None) -> Figure:
     return fig
 
 
-def plot_history(records, smooth: float = 0.9, logy: bool = False, title: str | None = None) -> Figure:
+def plot_history(records, smooth: float = 0.9, logy: bool = False, title: str | None = None,
+                 kd_weight: float | None = None) -> Figure:
     """Training at a glance: loss terms, learning rate, validation Dice and the teacher timeline.
 
     Panels share the step axis; stage 2 is shaded in all of them. Works on partial histories
-    (live plots): missing kinds show a note instead of failing.
+    (live plots): missing kinds show a note instead of failing. ``kd_weight``: see :func:`plot_loss`.
     """
     records = _as_records(records)
     fig = _new_figure((10, 9.5))
     axes = fig.subplots(4, 1, sharex=True, gridspec_kw=dict(height_ratios=[3, 1, 2.4, 1.4]))
-    plot_loss(records, ax=axes[0], smooth=smooth, logy=logy)
+    plot_loss(records, ax=axes[0], smooth=smooth, logy=logy, kd_weight=kd_weight)
     plot_lr(records, ax=axes[1])
     plot_val_dice(records, ax=axes[2])
     plot_teacher_timeline(records, ax=axes[3])
@@ -1037,6 +1055,200 @@ def compare_histories(records_a, records_b, labels: Sequence[str] = ("LCKD", "no
     else:
         _note(ax_v, "no validation yet")
     fig.suptitle(f"{labels[0]} vs {labels[1]}", fontsize=13, fontweight="bold")
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# what distillation does to the features
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_features(runs: Mapping[str, Any], teachers: Sequence[str] = ("flair", "t1ce")) -> Figure:
+    """The mechanism over training, from the ``"features"`` records of one or more runs.
+
+    Left: the mean L1 distance of the other modalities' bottleneck features to each teacher's --
+    what the KD loss makes small. Right: the error of the mean fill in a teacher's slot when that
+    teacher is missing (mean over the 7 subsets without it) -- what the decoder then has to cope with.
+
+    Args:
+        runs: label -> history records (e.g. ``{"LCKD": lckd.history, "no-KD": base.history}``).
+        teachers: the modalities to follow (the usual winners: FLAIR for WT, T1ce for ET and TC).
+    """
+    fig = _new_figure((11, 3.8))
+    ax_d, ax_f = fig.subplots(1, 2)
+    styles = ["-", "--", ":", "-."]
+    drawn = False
+    for (label, records), ls in zip(runs.items(), styles):
+        recs = _of_kind(_as_records(records), "features")
+        if not recs:
+            continue
+        x = [r["step"] for r in recs]
+        for t in teachers:
+            k = MODALITIES.index(t)
+            others = [m for m in range(len(MODALITIES)) if m != k]
+            d = [np.mean([r["l1"][m][k] for m in others]) for r in recs]
+            ax_d.plot(x, d, ls=ls, color=MODALITY_COLORS[t], lw=2, marker="o", ms=3, label=f"to {DISPLAY_NAMES[t]}, {label}")
+            ax_f.plot(x, [r["fill_error"][k] for r in recs], ls=ls, color=MODALITY_COLORS[t], lw=2, marker="o", ms=3,
+                      label=f"{DISPLAY_NAMES[t]} missing, {label}")
+        drawn = True
+    ax_d.set_title("Distance of the other modalities' features to a teacher's", fontsize=10, loc="left",
+                   fontweight="bold")
+    ax_f.set_title("Error of the mean fill in a missing teacher's slot", fontsize=10, loc="left", fontweight="bold")
+    for ax in (ax_d, ax_f):
+        if drawn:
+            ax.set_xlabel("step")
+            ax.set_ylabel("mean |difference| (L1)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        else:
+            _note(ax, "no feature records (older runs, or models without per-modality features)")
+    return fig
+
+
+def feature_pca(features: Mapping[str, np.ndarray], title: str | None = None) -> Figure:
+    """A 2-D PCA of per-modality bottleneck features, one panel per model, one colour per modality.
+
+    ``features``: label -> ``(n, 4, C)`` (each case's bottleneck, averaged over space). The axes are
+    the two main directions of all the models' features together, so the panels are comparable:
+    points of one case's four modalities close together mean the encoder maps them alike.
+    """
+    data = {k: np.asarray(v, np.float64) for k, v in features.items()}
+    allf = np.concatenate([v.reshape(-1, v.shape[-1]) for v in data.values()])
+    mean = allf.mean(0)
+    _, _, vt = np.linalg.svd(allf - mean, full_matrices=False)
+    fig = _new_figure((4.6 * len(data), 4.2))
+    axes = np.atleast_1d(fig.subplots(1, len(data)))
+    for ax, (label, v) in zip(axes, data.items()):
+        xy = (v - mean) @ vt[:2].T  # (n, 4, 2)
+        for case in xy:  # a light line joins the four modalities of one case
+            ax.plot(*np.vstack([case, case[:1]]).T, color="0.85", lw=0.8, zorder=1)
+        for m, name in enumerate(MODALITIES):
+            ax.scatter(xy[:, m, 0], xy[:, m, 1], color=MODALITY_COLORS[name], s=30, label=DISPLAY_NAMES[name], zorder=2)
+        ax.set_title(label, fontsize=11, fontweight="bold")
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=9, loc="best")
+    fig.suptitle(title or "Bottleneck features of each modality (PCA over both models)", fontsize=12)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# pictures of the method
+# ----------------------------------------------------------------------------------------------
+
+
+def _box(ax, x, y, w, h, text, face="#FFFFFF", edge="#444444", fontsize=9, **kw):
+    from matplotlib.patches import FancyBboxPatch
+
+    ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.08", facecolor=face,
+                                edgecolor=edge, lw=1.3, **kw))
+    ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=fontsize,
+            color=_text_color_on(mcolors.to_rgba(face)))
+
+
+def _arrow(ax, xy0, xy1, color="#444444", ls="-", lw=1.4, style="-|>", rad=0.0):
+    from matplotlib.patches import FancyArrowPatch
+
+    ax.add_patch(FancyArrowPatch(xy0, xy1, arrowstyle=style, mutation_scale=11, color=color, lw=lw, ls=ls,
+                                 connectionstyle=f"arc3,rad={rad}"))
+
+
+def architecture_figure(available: Sequence[bool] = (True, True, False, True),
+                        teachers: Sequence[bool] = (True, False, True, False)) -> Figure:
+    """LCKD's data flow for one availability pattern, drawn from the model's logic.
+
+    Each available modality goes through the ONE shared encoder (same colour: same weights); a
+    missing one contributes the encoder's response to an all-zero input as its skip connections and
+    the mean of the available bottleneck features as its bottleneck; the four bottlenecks are
+    concatenated and decoded into ET/TC/WT. During training the KD loss pulls every available
+    modality's bottleneck toward the elected teachers' (orange arrows); the election chooses them.
+    """
+    avail, teach = list(available), list(teachers)
+    _register_ipython_png()
+    fig = Figure(figsize=(12, 6.2))  # a free-form drawing: no layout engine
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, 12)
+    ax.set_ylim(0, 6.6)
+    ax.set_axis_off()
+    ys = [5.3, 3.9, 2.5, 1.1]
+    enc_face, miss = "#DCE9F5", "#F2F2F2"
+    for m, (name, y) in enumerate(zip(MODALITIES, ys)):
+        on = avail[m]
+        _box(ax, 0.2, y, 1.2, 0.8, DISPLAY_NAMES[name] + ("" if on else "\nmissing"),
+             face=MODALITY_COLORS[name] if on else miss, fontsize=10)
+        if not on:
+            ax.plot([0.25, 1.35], [y + 0.05, y + 0.75], color="#C0392B", lw=2)
+        _box(ax, 2.0, y, 1.9, 0.8, "shared encoder" if on else "shared encoder\non an all-zero input",
+             face=enc_face if on else miss, fontsize=8.5)
+        _arrow(ax, (1.4, y + 0.4), (2.0, y + 0.4))
+        feat = f"$f_{{{DISPLAY_NAMES[name]}}}$" if on else "mean of the\navailable $f$"
+        _box(ax, 4.6, y + 0.1, 1.3, 0.6, feat, face="#FFFFFF" if on else "#FFF3CD", fontsize=9)
+        _arrow(ax, (3.9, y + 0.4), (4.6, y + 0.4))
+        if teach[m] and on:
+            ax.text(5.95, y + 0.62, "teacher", fontsize=8, color="#E69F00", fontweight="bold")
+        # skip connections run from the encoder to the decoder, under the bottleneck column
+        ax.plot([3.9, 4.2, 4.2], [y + 0.15, y + 0.15, 0.45], color="#888888", lw=0.9, ls=":")
+    for m, y in enumerate(ys):  # missing bottleneck slots are filled from the available ones
+        if not avail[m]:
+            for k, y2 in enumerate(ys):
+                if avail[k]:
+                    _arrow(ax, (5.25, y2 + 0.1 if y2 > y else y2 + 0.7), (5.25, y + 0.7 if y2 > y else y + 0.1),
+                           color="#B8860B", ls="--", lw=0.9, rad=0.25)
+    for s_ in range(4):  # KD: every available modality toward each available teacher
+        for t in range(4):
+            if teach[t] and avail[t] and avail[s_] and s_ != t:
+                _arrow(ax, (5.9, ys[s_] + 0.4), (5.9, ys[t] + 0.4), color="#E69F00", lw=1.6, rad=-0.45)
+    _box(ax, 7.0, 2.3, 1.5, 2.0, "concatenate\n4 × C\nchannels", face="#FFFFFF")
+    for y in ys:
+        _arrow(ax, (5.9, y + 0.4), (7.0, 3.3), color="#444444", lw=0.9)
+    _box(ax, 9.0, 2.3, 1.3, 2.0, "decoder\n(+ skips)", face=enc_face)
+    _arrow(ax, (8.5, 3.3), (9.0, 3.3))
+    _arrow(ax, (4.2, 0.45), (9.65, 2.3), color="#888888", lw=0.9, ls=":", rad=0.15)
+    for k, (r, y) in enumerate(zip(REGIONS, (3.9, 3.1, 2.3))):
+        _box(ax, 10.8, y, 0.9, 0.6, r, face=REGION_COLORS[r], fontsize=10)
+        _arrow(ax, (10.3, 3.3), (10.8, y + 0.3))
+    ax.text(0.2, 6.35, "LCKD for one set of available modalities", fontsize=13, fontweight="bold")
+    ax.text(7.0, 5.55, "training only:\nloss = Dice + BCE + 0.1 × Σ L1($f_s$, $f_{teacher}$)\n"
+            "teachers = per-region winners of\nthe single-modality election", fontsize=9, color="#8A5A00",
+            va="center")
+    ax.text(4.4, 0.15, "dotted: skip connections (a missing modality's are the zero-input response)", fontsize=8,
+            color="#666666")
+    return fig
+
+
+def concept_map() -> Figure:
+    """One picture of the kit's story: four scans, each showing some regions best; any may be
+    missing at test time (15 subsets); LCKD elects the best one per region as teacher and distils
+    its features into the others, so a missing teacher hurts less."""
+    _register_ipython_png()
+    fig = Figure(figsize=(12, 4.6))  # a free-form drawing: no layout engine
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, 12)
+    ax.set_ylim(0, 5.0)
+    ax.set_axis_off()
+    shows = {"flair": "whole tumour\n(oedema bright,\nCSF dark)", "t1": "anatomy\n(tumour faint)",
+             "t1ce": "enhancing rim\n(ET), the core", "t2": "fluid: oedema\nand CSF"}
+    for m, name in enumerate(MODALITIES):
+        y = 3.6 - 1.05 * m
+        _box(ax, 0.2, y, 1.2, 0.8, DISPLAY_NAMES[name], face=MODALITY_COLORS[name], fontsize=10)
+        ax.text(1.55, y + 0.4, shows[name], va="center", fontsize=8.5)
+    ax.text(0.2, 4.55, "1. Four MRI scans, each shows\n    some regions best (notebook 01)", fontsize=10,
+            fontweight="bold", va="center")
+    _box(ax, 4.1, 1.7, 2.6, 1.5, "at test time any of the\n15 non-empty subsets\nmay be all you have",
+         face="#F2F2F2", fontsize=9.5)
+    ax.text(4.1, 4.55, "2. Modalities go missing", fontsize=10, fontweight="bold", va="center")
+    _arrow(ax, (3.3, 2.45), (4.1, 2.45))
+    _box(ax, 7.5, 2.6, 2.2, 1.0, "election: the best single\nmodality per region\n(T1ce: ET, TC; FLAIR: WT)",
+         face="#FFF3CD", fontsize=8.5)
+    _box(ax, 7.5, 1.1, 2.2, 1.0, "distillation: pull every\nmodality's features\ntoward the teachers'",
+         face="#FDE3C3", fontsize=8.5)
+    _arrow(ax, (8.6, 2.6), (8.6, 2.1), color="#E69F00")
+    ax.text(7.5, 4.55, "3. LCKD (notebooks 02, 03)", fontsize=10, fontweight="bold", va="center")
+    _arrow(ax, (6.7, 2.45), (7.5, 2.45))
+    _box(ax, 10.2, 1.7, 1.6, 1.5, "a missing\nteacher hurts\nless?\n(03, 04, 05)", face="#E8F4EA", fontsize=9)
+    _arrow(ax, (9.7, 2.45), (10.2, 2.45))
+    ax.text(10.2, 4.55, "4. Measure it", fontsize=10, fontweight="bold", va="center")
     return fig
 
 
@@ -1275,12 +1487,173 @@ def region_3d(truth: np.ndarray | None = None, pred: np.ndarray | None = None,
     return fig
 
 
+# ----------------------------------------------------------------------------------------------
+# Comparing methods (lckd_kit.compare)
+# ----------------------------------------------------------------------------------------------
+
+def _method_colors(names: Sequence[str], colors: Mapping[str, str] | None) -> dict[str, str]:
+    cycle = matplotlib.colormaps["tab10"].colors
+    return {n: (colors or {}).get(n, mcolors.to_hex(cycle[i % len(cycle)])) for i, n in enumerate(names)}
+
+
+def method_summary_bars(summary: Mapping[str, Mapping[str, Sequence[float]]],
+                        groups: Mapping[str, str] | None = None, colors: Mapping[str, str] | None = None,
+                        title: str = "Mean Dice of each method, with 95 % intervals", ylabel: str = "Dice",
+                        ylim: tuple[float, float] | None = (0.0, 1.0)) -> Figure:
+    """Grouped bar chart of a few summary numbers per method, each with its interval.
+
+    Args:
+        summary: method name -> {group key -> ``(mean, low, high)``} (e.g. the mean Dice over the 15
+            subsets and its bootstrap interval, ``compare.CompareResults.summary_table()``).
+        groups: group key -> x-axis label, in display order (default: the first method's keys).
+        colors: method name -> colour (default: matplotlib's tab10, in the order of ``summary``).
+        ylim: y range (None: automatic).
+
+    Returns:
+        Figure: one cluster of bars per group, one bar per method (value printed on top), the
+        interval as a black error bar.
+    """
+    names = list(summary)
+    keys = list(groups or (summary[names[0]] if names else {}))
+    labels = [(groups or {}).get(k, k) for k in keys]
+    col = _method_colors(names, colors)
+    fig = _new_figure((max(6.0, 1.0 + 0.55 * len(names) * len(keys)), 4.2))
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        vals = np.array([summary[name].get(k, (np.nan, np.nan, np.nan)) for k in keys], dtype=float).reshape(-1, 3)
+        x = np.arange(len(keys)) - 0.4 + width * (i + 0.5)
+        err = np.abs(np.stack([vals[:, 0] - vals[:, 1], vals[:, 2] - vals[:, 0]]))
+        ax.bar(x, vals[:, 0], width * 0.92, color=col[name], label=name, yerr=np.nan_to_num(err), capsize=2,
+               error_kw=dict(lw=1, ecolor="#222222"))
+        for xi, (v, _, hi) in zip(x, vals):
+            if np.isfinite(v):  # the value just above its interval
+                ax.text(xi, (hi if np.isfinite(hi) else v) + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=7,
+                        rotation=90, color="#333333")
+    ax.set_xticks(range(len(keys)), labels, fontsize=10)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=9, ncol=min(len(names), 5), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    ax.set_title(title, fontsize=12, loc="left", fontweight="bold")
+    for sp in ("top", "right"):
+        ax.spines[sp].set_visible(False)
+    return fig
+
+
+def paired_difference_plot(diffs: Mapping[str, Mapping[str, Sequence[float]]],
+                           groups: Mapping[str, str] | None = None, reference: str = "LCKD",
+                           colors: Mapping[str, str] | None = None, title: str | None = None) -> Figure:
+    """Forest plot of paired differences against a reference method, with their intervals.
+
+    Args:
+        diffs: method name -> {group key -> ``(difference, low, high)``}, the difference being
+            method − reference, paired by seed and case (``stats.compare``).
+        groups: group key -> panel title, in display order (default: the first method's keys).
+        reference: the reference method's name (axis label and title).
+        colors: method name -> colour.
+
+    Returns:
+        Figure with one panel per group: a row per method, a dot at the difference, a line across
+        its interval, and a vertical line at 0 (an interval crossing it is not evidence of a difference).
+    """
+    names = list(diffs)
+    keys = list(groups or (diffs[names[0]] if names else {}))
+    col = _method_colors(names, colors)
+    fig = _new_figure((3.0 * max(len(keys), 1) + 1.4, 0.45 * len(names) + 1.6))
+    axes = np.atleast_1d(fig.subplots(1, max(len(keys), 1), sharey=True))
+    for ax, key in zip(axes, keys):
+        for row, name in enumerate(names):
+            d, lo, hi = (float(v) for v in diffs[name].get(key, (np.nan,) * 3))
+            excl = np.isfinite(lo) and (lo > 0 or hi < 0)
+            ax.plot([lo, hi], [row, row], color=col[name], lw=2.2, solid_capstyle="round")
+            ax.plot([d], [row], "o", color=col[name], ms=7, mfc=col[name] if excl else "white", mew=2)
+        ax.axvline(0, color="#555555", lw=1, ls="--")
+        ax.set_title((groups or {}).get(key, key), fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_xlabel(f"Δ Dice vs {reference}")
+        for sp in ("top", "right"):
+            ax.spines[sp].set_visible(False)
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].set_ylim(len(names) - 0.5, -0.5)
+    fig.suptitle(title or f"Paired difference to {reference} (dot filled: the 95 % interval excludes 0)", fontsize=11)
+    return fig
+
+
+def fusion_diagrams(available: Sequence[bool] = (True, True, False, True)) -> Figure:
+    """Four ways to survive a missing modality, one small data-flow panel each.
+
+    Drawn for one availability pattern (default: T1ce missing). Each panel shows where the four
+    modalities meet and what stands in for the missing one: modality dropout zeroes its input
+    channel; LCKD fills its bottleneck slot with the mean of the others; HeMIS leaves it out of the
+    mean and variance; region fusion gives it weight 0 and lets a softmax share its weight among the
+    others, per region.
+    """
+    avail = [bool(a) for a in as_mask(available)]
+    _register_ipython_png()
+    fig = Figure(figsize=(13, 4.4))
+    panels = [
+        ("modality dropout", "one U-Net on\n4 channels", "channel set to 0", "#999999"),
+        ("LCKD", "shared encoder", "mean of\nthe others", "#0072B2"),
+        ("HeMIS", "own encoder", "left out", "#E69F00"),
+        ("region fusion", "own encoder", "weight 0", "#009E73"),
+    ]
+    miss_face = "#F2F2F2"
+    for k, (title, enc_text, miss_text, color) in enumerate(panels):
+        ax = fig.add_axes((k / 4 + 0.005, 0.0, 0.24, 0.9))
+        ax.set_xlim(0, 4.2)
+        ax.set_ylim(0, 5.2)
+        ax.set_axis_off()
+        ax.text(0.05, 5.0, title, fontsize=12, fontweight="bold", color=color, va="center")
+        ys = [3.9, 2.9, 1.9, 0.9]
+        for m, (name, y) in enumerate(zip(MODALITIES, ys)):
+            on = avail[m]
+            _box(ax, 0.05, y, 0.75, 0.6, DISPLAY_NAMES[name], face=MODALITY_COLORS[name] if on else miss_face,
+                 fontsize=8.5)
+            if not on:
+                ax.plot([0.1, 0.75], [y + 0.05, y + 0.55], color="#C0392B", lw=1.8)
+        if k == 0:  # input-level fusion: the channels are stacked before any layer
+            _box(ax, 1.15, 0.9, 1.1, 3.6, enc_text, face="#EFEFEF", fontsize=8)
+            for m, y in enumerate(ys):
+                _arrow(ax, (0.8, y + 0.3), (1.15, y + 0.3), color="#444444" if avail[m] else "#C0392B",
+                       ls="-" if avail[m] else ":")
+            miss = next((y for m, y in enumerate(ys) if not avail[m]), None)
+            if miss is not None:
+                ax.text(0.97, miss + 0.62, "0", color="#C0392B", fontsize=9, ha="center", fontweight="bold")
+            _box(ax, 2.6, 2.2, 1.0, 1.0, "decoder", face="#EFEFEF", fontsize=8.5)
+            _arrow(ax, (2.25, 2.7), (2.6, 2.7))
+        else:
+            for m, y in enumerate(ys):
+                on = avail[m]
+                _box(ax, 1.05, y, 1.05, 0.6, enc_text if on else miss_text, fontsize=7,
+                     face="#DCE9F5" if (on and k == 1) else ("#FFF3CD" if not on else "#FCE9CF" if k == 2 else "#D5EFE5"))
+                _arrow(ax, (0.8, y + 0.3), (1.05, y + 0.3), color="#444444" if on else "#C0392B",
+                       ls="-" if on else ":")
+            fuse = {1: "concat\n4 slots", 2: "mean,\nvariance", 3: "weights\nper region\n(sum to 1)"}[k]
+            _box(ax, 2.45, 1.9, 0.85, 1.6, fuse, face="#FFFFFF", fontsize=7.5)
+            for m, y in enumerate(ys):
+                if avail[m] or k == 1:  # LCKD's missing slot still takes part, filled with the mean
+                    _arrow(ax, (2.1, y + 0.3), (2.45, 2.7), color="#444444", lw=0.8)
+            _box(ax, 3.45, 2.2, 0.7, 1.0, "dec.", face="#EFEFEF", fontsize=8)
+            _arrow(ax, (3.3, 2.7), (3.45, 2.7))
+        ax.text(0.05, 0.3, {0: "fuses at the input", 1: "fuses at the bottleneck (+ skips)",
+                            2: "fuses at every scale", 3: "fuses at every scale, learned"}[k],
+                fontsize=8.5, color="#555555")
+    fig.suptitle("Where the modalities meet, and what stands in for a missing one (here: "
+                 + ", ".join(DISPLAY_NAMES[m] for m, a in zip(MODALITIES, avail) if not a) + " missing)",
+                 fontsize=11, x=0.01, ha="left")
+    return fig
+
+
 __all__ = [
     "DISPLAY_NAMES", "REGION_COLORS", "REGION_NAMES", "MODALITY_COLORS", "LOSS_COLORS", "MARK_ON", "MARK_OFF",
     "display_name", "pretty_subset", "availability_marks", "plane_axis", "take_slice", "best_slice",
     "intensity_window", "orientation_letters", "overlay_regions", "region_handles", "region_legend",
     "show_modalities", "dice_per_region", "dice_box", "compare_prediction", "score_table_figure", "subset_heatmap",
     "subset_heatmap_plotly", "markdown_subset_table", "mark_stages", "plot_loss", "plot_lr",
-    "plot_val_dice", "plot_teacher_timeline", "plot_history", "compare_histories", "surface_nets", "mask_mesh",
-    "region_3d",
+    "plot_val_dice", "plot_teacher_timeline", "plot_history", "compare_histories", "plot_features", "feature_pca",
+    "architecture_figure", "concept_map", "surface_nets", "mask_mesh",
+    "region_3d", "method_summary_bars", "paired_difference_plot", "fusion_diagrams",
 ]

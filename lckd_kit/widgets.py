@@ -45,6 +45,7 @@ from lckd_kit import MODALITIES, REGIONS, SUBSETS, NoModalityError, as_mask
 from lckd_kit import viz
 from lckd_kit.inference import model_config, predict_volume
 from lckd_kit.metrics import hard_dice, nest_regions
+from lckd_kit.model import LCKDNet
 
 N_MOD = len(MODALITIES)
 PLANES: tuple[str, ...] = ("axial", "coronal", "sagittal")
@@ -116,7 +117,8 @@ class ExplorerState:
     """One case + one model; predictions and Dice of any subset on demand.
 
     Args:
-        model: an :class:`~lckd_kit.model.LCKDNet` (2-D or 3-D); put in eval mode here.
+        model: a trained model, 2-D or 3-D: an :class:`~lckd_kit.model.LCKDNet` or any method of
+            :mod:`lckd_kit.methods` (the feature blend is LCKD's only); put in eval mode here.
         image: ``(4, X, Y, Z)`` float, raw or normalised (say which with ``normalized``).
         label: ``(3, X, Y, Z)`` region masks (ET, TC, WT) or None (unlabelled: no Dice).
         spacing: voxel size in mm (X, Y, Z), for the pixel aspect and the 3-D view.
@@ -510,11 +512,14 @@ class Explorer:
         self.heatmap_button.on_click(lambda _: self.show_heatmap())
         self.view3d_button.on_click(lambda _: self.show_3d())
 
-        blend_box = W.VBox([
+        self.blend_box = blend_box = W.VBox([
             W.HTML(f"<b>Feature blend</b> — <i>{BLEND_NOTE}</i>. 1 = the modality's own bottleneck feature, "
                    "0 = the mean of the selected modalities' features (its skip connections stay its own)."
                    + " <i>Every new blend re-runs the sliding window over the case.</i>"),
             W.HBox(self.blend_sliders[:2]), W.HBox(self.blend_sliders[2:]), self.blend_reset])
+        # the blend rebuilds LCKD's bottleneck slots: other methods have nothing to blend
+        self.blend_supported = isinstance(state.model, LCKDNet)
+        _show(blend_box, self.blend_supported)
         self.widget = _css(W.VBox([
             self.info,
             W.HBox([W.HTML("<b>Available modalities</b>&nbsp;"), *self.toggles]),
@@ -537,7 +542,7 @@ class Explorer:
     def blend(self) -> tuple[float, ...] | None:
         """The slider weights, or None when they change nothing (all selected ones at 1)."""
         mask = self.available
-        if not any(mask):
+        if not any(mask) or not self.blend_supported:
             return None
         return _blend_key([s.value for s in self.blend_sliders], mask)
 
@@ -706,6 +711,77 @@ def explorer(case_or_path=None, checkpoint=None, device=None, model: torch.nn.Mo
     return Explorer(ExplorerState.from_case(net, case_or_path, device=device, **state_kwargs), plane=plane)
 
 
+class MethodExplorer:
+    """The explorer for several trained models on ONE case: a dropdown switches the model and keeps
+    the selected modalities, plane and slice, so the same view can be compared across methods.
+
+    Args:
+        models: display name -> trained model (LCKD or any :mod:`lckd_kit.methods` model).
+        case_or_path: see :func:`load_explorer_case` (default: the first bundled demo case).
+        device, plane, state_kwargs: as :func:`explorer`.
+
+    Each model's explorer is built the first time it is chosen (its 15 subsets are predicted then).
+    """
+
+    def __init__(self, models: Mapping[str, torch.nn.Module], case_or_path=None, device=None, plane: str = "axial",
+                 **state_kwargs):
+        import ipywidgets as W
+
+        if not models:
+            raise ValueError("MethodExplorer needs at least one model")
+        self.models = dict(models)
+        self.case = load_explorer_case(case_or_path)
+        self.device, self.plane, self.state_kwargs = device, plane, state_kwargs
+        self.explorers: dict[str, Explorer] = {}
+        self.choice = _css(W.Dropdown(options=list(self.models), description="Method"), "lckd-method")
+        self.body = W.Box()
+        self.widget = _css(W.VBox([self.choice, self.body]), "lckd-method-explorer")
+        self.choice.observe(lambda change: self.select(change["new"]), names="value")
+        self.select(self.choice.value)
+
+    @property
+    def current(self) -> Explorer:
+        return self.explorers[self.choice.value]
+
+    def explorer_for(self, name: str) -> Explorer:
+        """The explorer of one model (built on first use)."""
+        if name not in self.explorers:
+            state = ExplorerState.from_case(self.models[name].eval(), self.case, device=self.device,
+                                            **self.state_kwargs)
+            self.explorers[name] = Explorer(state, plane=self.plane)
+        return self.explorers[name]
+
+    def select(self, name: str) -> Explorer:
+        """Show model ``name`` with the view of the one shown before (modalities, plane, slice)."""
+        before = self.explorers.get(getattr(self, "_shown", None))
+        ex = self.explorer_for(name)
+        if before is not None and before is not ex:
+            with ex._held():
+                for mine, theirs in zip(ex.toggles, before.toggles):
+                    mine.value = theirs.value
+                ex.plane.value = before.plane.value
+                _set_slider_range(ex.slice_slider, ex.state.n_slices(ex.plane.value), before.slice_slider.value)
+            ex._on_toggle()
+        self._shown = name
+        if self.choice.value != name:
+            self.choice.value = name
+        self.body.children = (ex.widget,)
+        return ex
+
+    def dice(self) -> dict[str, dict[str, float] | None]:
+        """Name -> Dice of the currently selected subset, for every model (predicts those not yet shown)."""
+        mask = self.current.available
+        return {n: self.explorer_for(n).state.dice(mask) for n in self.models}
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
 # ----------------------------------------------------------------------------------------------
 # the slice viewer (notebook 01)
 
@@ -784,6 +860,7 @@ def slice_viewer(case_or_path=None, plane: str = "axial", **kwargs) -> SliceView
 
 
 __all__ = [
-    "ExplorerState", "Explorer", "SliceViewer", "render_view", "explorer", "slice_viewer", "load_explorer_case",
+    "ExplorerState", "Explorer", "MethodExplorer", "SliceViewer", "render_view", "explorer", "slice_viewer",
+    "load_explorer_case",
     "figure_png", "default_checkpoint", "PLANES", "BLEND_NOTE", "WARNING_TEXT",
 ]

@@ -476,3 +476,58 @@ def test_load_cased_feeds_the_pipelines(tmp_path):
 def test_case_dataclass():
     c = Case("x", "brats2018", "brats2018", {m: Path(f"/d/x_{m}.nii") for m in MODALITIES})
     assert not c.labelled and c.folder == Path("/d")
+
+
+# ---------------------------------------------------------------------------------- file sizes and scaling
+
+
+def test_a_header_larger_than_the_file_is_refused_before_reading(tmp_path):
+    import gzip
+
+    folder = write_brats(tmp_path, "BraTS2021_00000", label=label_volume())
+    flair = folder / "BraTS2021_00000_flair.nii.gz"
+    img = nib.load(str(flair))
+    hdr = img.header.copy()
+    hdr.set_data_shape((1500, 1500, 1500))  # 6.75 GB of int16 claimed by a file of a few hundred bytes
+    flair.write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4 + b"\0" * 1000))
+    with pytest.raises(ValueError, match=r"cannot be read: its header describes 1500x1500x1500 int16 voxels"):
+        load_case(find_cases(tmp_path)[0])
+
+
+def test_gzip_files_of_several_members_are_read(tmp_path):
+    """The gzip trailer only gives the last member's size: a file of several members (bgzip,
+    concatenated streams) is counted, not refused."""
+    import gzip
+
+    folder = write_brats(tmp_path, "BraTS2021_00000", label=label_volume())
+    t1 = folder / "BraTS2021_00000_t1.nii.gz"
+    raw = gzip.decompress(t1.read_bytes())
+    t1.write_bytes(gzip.compress(raw[:700]) + gzip.compress(raw[700:]))
+    assert int.from_bytes(t1.read_bytes()[-4:], "little") < len(raw)
+    assert load_case(find_cases(tmp_path)[0])["image"][1, 4, 4, 4] == 20
+
+
+def test_label_scaling_is_applied_and_checked(tmp_path):
+    folder = write_brats(tmp_path, "BraTS2021_00000")
+    img = nib.Nifti1Image(label_volume((0, 2, 4, 8)), np.eye(4))  # stored x2, slope 0.5: the labels 0, 1, 2, 4
+    img.header.set_slope_inter(0.5, 0.0)
+    nib.save(img, str(folder / "BraTS2021_00000_seg.nii.gz"))
+    d = load_case(find_cases(tmp_path)[0])
+    assert d["label"][:, 3, 3, 5].tolist() == [1, 1, 1]  # 8 * 0.5 = 4: ET
+    img = nib.Nifti1Image(label_volume((0, 1, 2, 4)), np.eye(4))  # slope 0.5 turns ET 4 into 2, NCR 1 into 0.5
+    img.header.set_slope_inter(0.5, 0.0)
+    nib.save(img, str(folder / "BraTS2021_00000_seg.nii.gz"))
+    with pytest.raises(ValueError, match=r"whole numbers.*e\.g\. 0\.5.*slope 0\.5"):
+        load_case(find_cases(tmp_path)[0])
+
+
+def test_files_of_one_case_stored_in_other_axis_orders_are_one_grid(tmp_path):
+    write_brats(tmp_path / "ras", "Brats18_A_1", label=label_volume())
+    folder = write_brats(tmp_path / "mixed", "Brats18_A_1", label=label_volume())
+    # the T1ce stored LPS (x and y reversed, origin moved to match): the same voxels in space
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps[:2, 3] = (SHAPE[0] - 1, SHAPE[1] - 1)
+    write_nii(folder / "Brats18_A_1_t1ce.nii.gz", brain_image(30)[::-1, ::-1], lps)
+    a, b = load_case(find_cases(tmp_path / "ras")[0]), load_case(find_cases(tmp_path / "mixed")[0])
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["affine"], b["affine"])

@@ -247,6 +247,49 @@ def test_the_same_parameters_are_unused_in_every_step(run):
             assert [n for n, p in model.named_parameters() if p.grad is None] == UNUSED, (sampling, step)
 
 
+# ------------------------------------------------------------------------ a failing rank
+
+
+def _failing_worker(rank: int, port: int, root: str) -> None:
+    """Rank 1 raises in its third training step; rank 0 is then waiting in that step's gradient
+    all-reduce. Each rank records how it ended instead of raising (so the harness waits for both)."""
+    import lckd_kit.train as train_module
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if rank == 1:
+        step_fn = train_module.train_step
+
+        def failing_step(net, batch, *args, **kwargs):
+            if batch["step"] == 2:
+                raise ValueError("rank 1 cannot read case X (a test failure)")
+            return step_fn(net, batch, *args, **kwargs)
+
+        train_module.train_step = failing_step
+    cases, outcome = make_cases(), {}
+    start = time.monotonic()
+    try:
+        with distributed.launch("cpu"):
+            train(ddp_config(elect_every=100), cases, out_dir=Path(root) / "failing", progress=False)
+        outcome["error"] = None
+    except Exception as e:  # what the rank's user would see
+        outcome["error"] = f"{type(e).__name__}: {e}"
+    outcome["seconds"] = time.monotonic() - start
+    (Path(root) / f"failing{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path):
+    spawn(_failing_worker, free_port(), str(tmp_path), timeout=90)
+    outcomes = [json.loads((tmp_path / f"failing{r}.json").read_text()) for r in range(WORLD)]
+    assert outcomes[1]["error"] == "ValueError: rank 1 cannot read case X (a test failure)"
+    # rank 0 was blocked in a collective: it ends with rank 1's message, long before the group's
+    # timeout (distributed.DEFAULT_TIMEOUT_S)
+    assert outcomes[0]["error"].startswith("PeerFailed: rank 1 failed: ValueError: rank 1 cannot read case X")
+    assert outcomes[0]["seconds"] < 60 and distributed.DEFAULT_TIMEOUT_S >= 600
+    assert not (tmp_path / "failing" / ".lock").exists()  # rank 0 released the run folder
+
+
 # ------------------------------------------------------------------------ torchrun + CLI
 
 

@@ -1,25 +1,27 @@
-"""The teaching notebooks (``notebooks/0N_*.ipynb``): committed clean, and runnable top to bottom.
+"""The teaching notebooks (``notebooks/0N_*.ipynb``) and their solutions notebooks
+(``notebooks/solutions/0N_solutions.ipynb``): committed clean, and runnable top to bottom.
 
-Static checks (milliseconds): no outputs and no execution counts; exactly one ``parameters`` cell
-that sets ``FAST = False``; the setup cell first; a Colab badge; a narrative markdown cell before
-every code cell; an ``## Exercises`` section with at least three exercises and a solutions file
-that works through each of them; the files match their source, ``tools/build_notebooks.py``.
+The ``.ipynb`` files are the source: edit them as notebooks, then ``python tools/strip_notebooks.py``.
+Static checks (milliseconds): every notebook stripped (no outputs, no execution counts); exactly one
+``parameters`` cell that sets ``FAST = False``; the setup cell first; a Colab badge and a setup cell
+pointing at the repository address of ``pyproject.toml``; a narrative markdown cell before every
+code cell; an ``## Exercises`` section with at least three exercises, each solved in the solutions
+notebook; a "Key takeaways" box at the end.
 
-Execution (the FAST path, about 1-3 minutes for all four on 2 cores): each notebook runs in a fresh
-kernel via nbclient, with ``FAST = True`` injected after the parameters cell (papermill style),
-``notebooks/`` as working directory and ``LCKD_KIT_CACHE`` set to a temporary folder. That folder
-is shared by the four notebooks, as in a workshop: 01 generates the phantoms, 02 trains stage 1 and
-03 continues it, and 04 explores the result. Each notebook also runs on its own (``-k 03``). The
-notebooks assert their own results (an election names a teacher per region, the 15-subset tables
-are 15 × 3 and in [0, 1], the explorer rendered, the empty subset shows the warning, ...). Here
-we check that no cell failed or wrote to stderr, that every cell tagged ``figure`` produced a PNG,
-every ``widget`` cell a widget view and every ``plotly`` cell a plotly figure.
+Execution (the FAST path): each notebook, then its solutions notebook, runs in a fresh kernel via
+nbclient, with ``FAST = True`` injected after the parameters cell (papermill style), the notebook's
+folder as working directory and ``LCKD_KIT_CACHE`` set to a temporary folder shared by all of them,
+as in a workshop. The notebooks and solutions assert their own results; here we check that no cell
+failed or wrote to stderr, that every cell tagged ``figure`` produced a PNG, every ``widget`` cell a
+widget view and every ``plotly`` cell a plotly figure.
 """
 from __future__ import annotations
 
 import importlib.util
 import re
+import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,9 @@ NOTEBOOKS = REPO / "notebooks"
 SOLUTIONS = NOTEBOOKS / "solutions"
 TOOLS = REPO / "tools"
 NAMES = sorted(p.name for p in NOTEBOOKS.glob("0*.ipynb"))
+SOLUTION_NAMES = sorted(p.name for p in SOLUTIONS.glob("0*_solutions.ipynb"))
 CELL_TIMEOUT = 300  # seconds per cell in FAST mode (each notebook takes well under a minute)
+REPO_URL = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
 
 nbformat = pytest.importorskip("nbformat")
 
@@ -38,16 +42,12 @@ def _load_tool(name: str):
     """Import tools/<name>.py as a module (tools/ is not a package)."""
     spec = importlib.util.spec_from_file_location(f"_lckd_tools_{name}", TOOLS / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(TOOLS))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(TOOLS))
+    spec.loader.exec_module(mod)
     return mod
 
 
-def _read(name: str):
-    return nbformat.read(NOTEBOOKS / name, as_version=4)
+def _read(path):
+    return nbformat.read(path if isinstance(path, Path) else NOTEBOOKS / path, as_version=4)
 
 
 def _tags(cell) -> list[str]:
@@ -61,19 +61,34 @@ def _exercise_count(nb) -> int:
     return len(re.findall(r"^\d+\. \*\*", section, re.M))
 
 
-def test_there_are_four_notebooks():
+def test_the_notebooks_and_their_solutions():
     assert NAMES == ["01_data_tour.ipynb", "02_teacher_election.ipynb", "03_distillation_training.ipynb",
-                     "04_missing_modality_explorer.ipynb"]
+                     "04_missing_modality_explorer.ipynb", "05_when_does_distillation_help.ipynb",
+                     "06_four_ways_to_survive_a_missing_modality.ipynb"]
+    assert SOLUTION_NAMES == [f"{n[:2]}_solutions.ipynb" for n in NAMES]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_committed_without_outputs(name):
-    nb = _read(name)
+def test_committed_stripped():
+    strip = _load_tool("strip_notebooks")
+    assert strip.main(["--check"]) == 0, "run python tools/strip_notebooks.py"
+    for path in strip.all_notebooks():
+        nb = _read(path)
+        assert all(c.outputs == [] and c.execution_count is None for c in nb.cells if c.cell_type == "code"), path
+        assert "widgets" not in nb.metadata, path
+
+
+def _check_setup_and_parameters(nb, where):
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    setup = code[0].source
+    assert 'find_spec("lckd_kit")' in setup and "%pip install" in setup and "enable_custom_widget_manager" in setup
+    assert f'os.environ.get("LCKD_KIT_REPO", "{REPO_URL}")' in setup, f"{where}: run python tools/set_repo_url.py"
+    params = [c for c in nb.cells if "parameters" in _tags(c)]
+    assert len(params) == 1, f"{where}: exactly one cell tagged 'parameters'"
+    assert re.search(r"^FAST = False\b", params[0].source, re.M), "FAST = False in the parameters cell"
+    assert params[0] is code[1], "the parameters cell is the second code cell"
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
-            assert cell.outputs == [], f"{name} cell {i} has outputs: run tools/strip_notebooks.py"
-            assert cell.execution_count is None, f"{name} cell {i} has an execution count"
-    assert "widgets" not in nb.metadata, f"{name} carries widget state: run tools/strip_notebooks.py"
+            assert i > 0 and nb.cells[i - 1].cell_type == "markdown", f"{where}: code cell {i} has no narrative"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -81,52 +96,37 @@ def test_structure(name):
     nb = _read(name)
     nbformat.validate(nb)
     first = nb.cells[0]
+    org_repo = REPO_URL.split("github.com/", 1)[1]
     assert first.cell_type == "markdown" and first.source.startswith("# "), "the first cell is the title"
-    assert f"colab.research.google.com/github/lckd-kit/lckd_kit/blob/main/notebooks/{name}" in first.source
+    assert f"colab.research.google.com/github/{org_repo}/blob/main/notebooks/{name}" in first.source
     assert "Learning goals" in first.source
-
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    setup = code[0].source
-    assert 'find_spec("lckd_kit")' in setup and "%pip install" in setup and "enable_custom_widget_manager" in setup
-
-    params = [c for c in nb.cells if "parameters" in _tags(c)]
-    assert len(params) == 1, "exactly one cell tagged 'parameters'"
-    assert re.search(r"^FAST = False\b", params[0].source, re.M), "FAST = False in the parameters cell"
-    assert params[0] is code[1], "the parameters cell is the second code cell"
-
-    for i, cell in enumerate(nb.cells):
-        if cell.cell_type == "code":
-            assert i > 0 and nb.cells[i - 1].cell_type == "markdown", f"code cell {i} has no narrative before it"
+    _check_setup_and_parameters(nb, name)
     assert any("figure" in _tags(c) for c in nb.cells), "at least one figure"
+    last = nb.cells[-1]
+    assert last.cell_type == "markdown" and "**Key takeaways**" in last.source, "a Key takeaways box at the end"
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_exercises_and_solutions(name):
-    nb = _read(name)
-    n = _exercise_count(nb)
+def test_every_exercise_has_a_self_checking_solution(name):
+    n = _exercise_count(_read(name))
     assert n >= 3, f"{name}: {n} exercises, expected at least 3"
-    solutions = SOLUTIONS / f"{name[:2]}_solutions.md"
-    assert solutions.is_file(), f"missing {solutions.relative_to(REPO)}"
-    text = solutions.read_text()
+    solutions_name = f"{name[:2]}_solutions.ipynb"
+    sol = _read(SOLUTIONS / solutions_name)
+    _check_setup_and_parameters(sol, solutions_name)
+    text = "\n".join(c.source for c in sol.cells if c.cell_type == "markdown")
     for k in range(1, n + 1):
-        assert re.search(rf"^## Exercise {k}\b", text, re.M), f"{solutions.name} has no '## Exercise {k}'"
-    assert f"solutions/{solutions.name}" in "".join(c.source for c in nb.cells if c.cell_type == "markdown")
+        assert re.search(rf"^## Exercise {k}\b", text, re.M), f"{solutions_name} has no '## Exercise {k}'"
+    assert sum("assert " in c.source for c in sol.cells if c.cell_type == "code") >= n, "each solution checks itself"
+    assert f"solutions/{solutions_name}" in "".join(c.source for c in _read(name).cells if c.cell_type == "markdown")
 
 
-def test_notebooks_match_their_source():
-    builder = _load_tool("build_notebooks")
-    built = builder.build()
-    assert sorted(built) == NAMES
-    for name, nb in built.items():
-        committed = _read(name)
-        want = [(c.cell_type, c.source, _tags(c)) for c in nb.cells]
-        have = [(c.cell_type, c.source, _tags(c)) for c in committed.cells]
-        assert have == want, f"{name} differs from tools/build_notebooks.py: edit the builder and rebuild"
+def test_repository_address_is_one_constant():
+    assert _load_tool("set_repo_url").main(["--check"]) == 0, "run python tools/set_repo_url.py"
 
 
 def test_readme_and_guide_exist():
     readme = (NOTEBOOKS / "README.md").read_text()
-    for name in NAMES:
+    for name in NAMES + SOLUTION_NAMES:
         assert name in readme
     guide = (REPO / "docs" / "instructor_guide.md").read_text()
     assert "make workshop-prep" in guide
@@ -155,7 +155,7 @@ def test_strip_removes_outputs(tmp_path):
     assert strip.main([str(path)]) == 0
     clean = nbformat.read(path, as_version=4)
     assert [c.source for c in clean.cells] == [c.source for c in _read(NAMES[0]).cells]
-    assert (path.read_text() == (NOTEBOOKS / NAMES[0]).read_text())
+    assert path.read_text() == (NOTEBOOKS / NAMES[0]).read_text()
     assert strip.main(["--check", str(path)]) == 0
 
 
@@ -195,9 +195,11 @@ def _has_mime(cell, *mimes: str) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
-def test_notebook_runs_in_fast_mode(name, runner, shared_cache):
-    nb, error, seconds = runner.execute(NOTEBOOKS / name, {"FAST": True}, cache=shared_cache, timeout=CELL_TIMEOUT)
+@pytest.mark.parametrize("path", [p for n in NAMES for p in (NOTEBOOKS / n, SOLUTIONS / f"{n[:2]}_solutions.ipynb")],
+                         ids=lambda p: p.name)
+def test_notebook_runs_in_fast_mode(path, runner, shared_cache):
+    name = path.name
+    nb, error, seconds = runner.execute(path, {"FAST": True}, cache=shared_cache, timeout=CELL_TIMEOUT)
     if error is not None:
         pytest.fail(f"{name} failed after {seconds:.0f} s:\n{error}")
     for i, cell in enumerate(nb.cells):
@@ -237,12 +239,3 @@ def test_parameters_cell_values_are_literals():
                     ast.literal_eval(kw.value)
             else:
                 ast.literal_eval(value)
-
-
-def test_solutions_code_blocks_parse():
-    """The worked solutions are meant to be pasted into the notebooks: their code must at least parse."""
-    import ast
-
-    for path in sorted(SOLUTIONS.glob("*.md")):
-        for block in re.findall(r"```python\n(.*?)```", path.read_text(), re.S):
-            ast.parse(block)

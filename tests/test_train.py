@@ -15,7 +15,7 @@ import torch
 from lckd_kit import ALL_PRESENT, REGIONS, SUBSETS, phantom
 from lckd_kit.model import CONFIGS, config_to_dict
 from lckd_kit.batches import StepBatches, make_batch, sample_subset, split_cases, training_cases
-from lckd_kit.checkpoint import load_checkpoint, load_model, read_history
+from lckd_kit.checkpoint import checksum, load_checkpoint, load_model, read_history
 from lckd_kit.train import (
     TRAIN_CONFIGS,
     TrainConfig,
@@ -211,8 +211,10 @@ class _no_warning:
 def test_checkpoint_is_plain_and_rebuilds_the_model(cases, tmp_path):
     res = train(tiny(stage1_steps=2, stage2_steps=0, elect_every=100), cases, out_dir=tmp_path, progress=False)
     raw = torch.load(tmp_path / "final.pt", weights_only=True)  # no pickled objects
-    assert raw["format"] == "lckd_kit/1" and raw["step"] == 2
-    assert set(raw) >= {"model", "optimizer", "scaler", "step", "config", "teachers", "elections"}
+    assert raw["format"] == "lckd_kit/2" and raw["step"] == 2
+    assert set(raw) >= {"model", "optimizer", "scaler", "step", "config", "teachers", "elections", "checksum",
+                        "kit_version"}
+    assert raw["checksum"] == checksum(raw) and raw["checksum"].startswith("sha256:")
     assert raw["config"]["model_config"] == config_to_dict(model_config_for(res.config, (6.0, 6.0, 6.0)))
     # the model's input contract: tiny's crop as its window, the 32^3 phantoms' 6 mm voxels
     assert raw["config"]["model_config"]["roi_size"] == [32, 32]
@@ -289,3 +291,19 @@ def test_cpu_configs_say_how_they_differ_from_the_paper_recipe():
     # the schedule's reference lr jump at the stage boundary (3.9e-7 -> 3.4e-3 in the paper recipe)
     assert lr_at(79_999, p) == pytest.approx(1e-2 * (1 / 80_000) ** 0.9)
     assert lr_at(80_000, p) == pytest.approx(1e-2 * (35_000 / 115_000) ** 0.9, rel=1e-6)
+
+
+def test_case_cache_keeps_to_its_budget_and_freezes_before_workers(cases):
+    from lckd_kit.batches import _nbytes
+
+    one_case_mb = _nbytes(StepBatches(cases, tiny(), 2).prepared(0)) / 2**20  # the 32^3 phantoms are alike in size
+    source = StepBatches(cases, tiny(cache_mb=2.5 * one_case_mb), 2)
+    assert source.fill_cache() == 2  # filling stops once the budget is spent
+    assert source._cache_bytes <= 2.5 * one_case_mb * 2**20 and set(source._cache) == {1, 2}
+    source.prepared(3)  # LRU: case 3 in, the least recently used out
+    assert set(source._cache) == {2, 3}
+    source.freeze()
+    held = dict(source._cache)
+    again = source.prepared(0)  # outside the frozen cache: prepared for one use, not kept
+    assert 0 not in source._cache and set(source._cache) == set(held)
+    assert np.array_equal(np.asarray(again["image"]), np.asarray(source.prepared(0)["image"]))  # deterministic prefix

@@ -232,7 +232,13 @@ def test_plot_history_full():
     assert {"T1ce", "FLAIR", "T2"} <= labels
     assert [t.get_text() for t in timeline.get_yticklabels()] == list(REGIONS)
     loss_legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert loss_legend == ["total", "Dice loss", "BCE", "KD"]
+    assert loss_legend[:3] == ["total", "Dice loss", "BCE"]
+    assert loss_legend[3].startswith("KD (unweighted")  # without the run's KD weight the label says so
+    assert "faint" in loss_legend[4]  # the raw lines are explained
+    weighted = viz.plot_loss(_history(20), kd_weight=0.1)
+    kd_line = next(l for l in weighted.axes[0].get_lines() if l.get_label().startswith("0.1 × KD"))
+    raw_kd = np.array([r["kd"] for r in _history(20) if r["kind"] == "step"])
+    assert np.nanmax(kd_line.get_ydata()) <= 0.1 * raw_kd.max() + 1e-9  # drawn as it enters the total
     assert any("stage 2" in t for t in _texts(fig))
 
 
@@ -322,3 +328,15 @@ def test_region_3d_traces_and_size():
     assert [tr.name for tr in only_truth.data] == ["WT truth", "TC truth", "ET truth"]
     with pytest.raises(ValueError):
         viz.region_3d(None, None)
+
+
+@pytest.mark.parametrize("available", [(True, True, False, True), (False, True, True, False)])
+def test_diagrams_are_drawn_for_the_availability_asked(available):
+    missing = [viz.DISPLAY_NAMES[m] for m, a in zip(("flair", "t1", "t1ce", "t2"), available) if not a]
+    red = mcolors.to_rgba("#C0392B")
+    for fig, panels in ((viz.fusion_diagrams(available), 4), (viz.architecture_figure(available), 1)):
+        crossed = [ln for ax in fig.axes for ln in ax.lines if mcolors.to_rgba(ln.get_color()) == red]
+        assert len(crossed) == panels * len(missing)  # each missing modality crossed out in every panel
+        if panels == 4:
+            assert all(name in fig.texts[0].get_text() for name in missing)
+            assert {"modality dropout", "LCKD", "HeMIS", "region fusion"} <= {t.get_text() for ax in fig.axes for t in ax.texts}

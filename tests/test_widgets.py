@@ -331,3 +331,31 @@ def test_slice_viewer(cropped):
     png = v.image.value
     v.overlay.value = False
     assert v.image.value != png
+
+
+# ----------------------------------------------------------------------------------------------
+# several methods on one case
+
+
+def test_method_explorer_keeps_the_view_and_hides_the_lckd_only_blend(raw_case, model):
+    from lckd_kit import methods
+    from lckd_kit.widgets import MethodExplorer
+
+    torch.manual_seed(0)
+    hemis = methods.build(dataclasses.replace(methods.as_config("hemis_small"), roi_size=(32, 32, 32))).eval()
+    me = MethodExplorer({"LCKD": model, "HeMIS": hemis}, raw_case)
+    lckd_view = me.current
+    assert lckd_view.blend_supported and _visible(lckd_view.blend_box)
+    lckd_view.toggles[2].value = False  # T1ce off
+    lckd_view.plane.value = "coronal"
+    lckd_view.slice_slider.value = 7
+    other = me.select("HeMIS")
+    assert me.choice.value == "HeMIS" and me.body.children == (other.widget,)
+    assert other.available == (True, True, False, True)
+    assert other.plane.value == "coronal" and other.slice_slider.value == 7
+    assert not other.blend_supported and other.blend is None and not _visible(other.blend_box)
+    assert other.last_error is None and other.render_count >= 1
+    dice = me.dice()
+    assert set(dice) == {"LCKD", "HeMIS"}
+    assert dice["HeMIS"] == other.state.dice((True, True, False, True))
+    assert me.select("LCKD") is lckd_view  # built once, reused

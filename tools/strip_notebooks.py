@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """Strip outputs from notebooks before committing them.
 
-    python tools/strip_notebooks.py                  # every notebooks/*.ipynb, in place
+    python tools/strip_notebooks.py                  # every notebook (notebooks/, notebooks/solutions/), in place
     python tools/strip_notebooks.py path/to/x.ipynb  # given files
     python tools/strip_notebooks.py --check          # exit 1 if a notebook would change (CI, pre-commit)
 
 Removes outputs, execution counts, per-cell execution metadata (timings, ``collapsed``, ``scrolled``,
 ``trusted``), the stored widget state and any notebook metadata other than the kernel spec and the
-language name. Cell ids, sources and tags are kept. A stripped notebook is written the way
-``tools/build_notebooks.py`` writes it, so stripping a notebook that was only executed gives back
-the committed file byte for byte.
+language name. Cell ids, sources, tags and hidden-source flags are kept. The notebooks are edited as
+notebooks (JupyterLab, VS Code); stripping one that was only executed gives back the committed file
+byte for byte, and the tests check that every committed notebook is stripped.
 """
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ import nbformat
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 KEEP_CELL_METADATA = ("tags",)
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+
+
+def all_notebooks() -> list[Path]:
+    """The teaching notebooks and their solutions notebooks."""
+    return sorted(NOTEBOOKS.glob("*.ipynb")) + sorted((NOTEBOOKS / "solutions").glob("*.ipynb"))
 
 
 def strip(nb) -> nbformat.NotebookNode:
@@ -45,7 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("paths", nargs="*", type=Path, help="notebooks (default: notebooks/*.ipynb)")
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a notebook needs stripping")
     args = ap.parse_args(argv)
-    paths = args.paths or sorted(NOTEBOOKS.glob("*.ipynb"))
+    paths = args.paths or all_notebooks()
     dirty = []
     for path in paths:
         before = path.read_text()
