@@ -61,9 +61,11 @@ def one_step_runs(cfg, warm: Path) -> list[dict]:
     cfg = dataclasses.replace(cfg, elect_every=100)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # resuming another batch size / world size warns, rightly
+        init = state_of(train(cfg, make_cases(), progress=False, max_steps=0).model)
         first = train(cfg, make_cases(), progress=False, max_steps=1)
         stage2 = train(cfg, make_cases(), progress=False, resume=warm, max_steps=cfg.stage1_steps + 1)
-    return [{"state": state_of(r.model), "history": r.history} for r in (first, stage2)]
+    return [{"state": state_of(r.model), "history": r.history, "before": before}
+            for r, before in ((first, init), (stage2, None))]
 
 
 def free_port() -> int:
@@ -183,11 +185,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(run):
     of the weights moves some stem gradients by 0.1-0.5 (of up to ~7), and averaging two half
     batches instead of taking the whole batch ends 8 tiny steps ~0.8 apart, as DDP vs one process does."""
     (first, stage2), (first1, stage2_1) = run["ranks"][0]["steps"], run["single_steps"]
-    # stage 1 from the same init: measured max |diff| ~3e-7
+    # stage 1 from the same init: the same loss, and the same update up to float rounding, which
+    # the stem's gradient amplifies on some phantoms (measured: |diff| / |update| ~1e-3)
     assert first["history"][0]["loss"] == pytest.approx(first1["history"][0]["loss"], rel=1e-6)
-    for k, v in first1["state"].items():
-        torch.testing.assert_close(first["state"][k], v, rtol=1e-4, atol=1e-6, msg=k)
-    assert max_abs_diff(first["state"], first1["state"]) < 1e-5
+    init = first1["before"]
+    assert states_equal(init, first["before"])  # the same seeded initialisation in both
+    update = torch.cat([(first1["state"][k] - init[k]).flatten() for k in init])
+    diff = torch.cat([(first["state"][k] - first1["state"][k]).flatten() for k in init])
+    assert update.norm() > 0 and diff.norm() < 1e-2 * update.norm(), (diff.norm(), update.norm())
     # stage 2 from the same checkpoint: the same subset, the same loss; the update agrees to float
     # rounding, which along the all-zero input of the missing modalities is large in a few
     # cancelling sums (the stem InstanceNorm bias; also between batch 4 and two batches of 2 in one
