@@ -84,8 +84,8 @@ def synthetic_explorer_notebook() -> dict:
         "import torch\n"
         "torch.set_num_threads(1)\n"
         "from lckd_kit import phantom\n"
-        "from lckd_kit.labels import labels_to_regions
-from lckd_kit.transforms import normalize_image\n"
+        "from lckd_kit.labels import labels_to_regions\n"
+        "from lckd_kit.transforms import normalize_image\n"
         "from lckd_kit.model import build_model\n"
         "from lckd_kit.widgets import Explorer, ExplorerState, SliceViewer\n"
         "raw = phantom.make_case(0, grid=32)\n"
