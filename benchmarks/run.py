@@ -20,8 +20,8 @@ eval     15-subset sliding-window evaluation of one case: ``predict_subsets`` (e
          once, every subset decoded) vs 15 separate sliding-window passes with ``model(x, mask)``
          (the kit's per-subset forward) and with ``naive=True`` (the reference's). Outputs compared.
          Election (the 4 single-modality subsets) shared vs per-subset comes from the same run.
-caches   the inference caches of model.py (standardised weights, the zero-input response) on vs
-         off, on the 15-subset prediction of one case, for small2d, small and paper.
+caches   the inference cache of model.py (the zero-input response) on vs off, on the 15-subset
+         prediction of one case, for small2d, small and paper.
 decode   one window's 15 subsets after one encode: 15 ``decode`` calls vs ``decode_many`` (each
          modality's skips projected through the shortcut convs once) at 1, predict_subsets' and 15
          subsets per decoder call.
@@ -686,13 +686,6 @@ def bench_decode(cfg: str, spatial, device, repeats: int, mem: Memory) -> dict:
     return out
 
 
-def _uncached_ws(self):
-    """A weight-standardised conv's weight computed afresh on every call (the cache turned off)."""
-    flat = self.weight.flatten(1)
-    flat = flat - flat.mean(1, keepdim=True)
-    return (flat / torch.sqrt(flat.square().sum(1, keepdim=True) / (flat.shape[1] - 1) + 1e-12)).view_as(self.weight)
-
-
 def _uncached_zero(model):
     def zero_response(spatial, like):
         bott, skips = model.encoder(like.new_zeros((1, 1, *spatial)))
@@ -701,20 +694,14 @@ def _uncached_zero(model):
 
 
 def bench_caches(cfg: str, image: torch.Tensor, roi, device, repeats: int, mem: Memory) -> dict:
-    """Each inference cache of model.py on vs off, timed on the 15-subset prediction of one case:
-    "ws" (standardised weights cached without autograd) and "zero" (the encoder's response to the
-    all-zero volume cached in eval mode). Outputs must not change."""
+    """The inference cache of model.py on vs off, timed on the 15-subset prediction of one case: the
+    encoder's response to the all-zero volume, cached in eval mode. Outputs must not change. (A
+    cache of the standardised weights was measured here too, gained nothing and was removed.)"""
     torch.manual_seed(0)
     model = trained_like(build_model(cfg)).to(device).eval()
-    ws_convs = [m for m in model.modules() if hasattr(m, "effective_weight")]
 
-    def run(ws: bool, zero: bool):
+    def run(zero: bool):
         def f():
-            for m in ws_convs:
-                if ws:
-                    m.__dict__.pop("effective_weight", None)
-                else:
-                    m.effective_weight = types.MethodType(_uncached_ws, m)
             if zero:
                 model.__dict__.pop("zero_response", None)
             else:
@@ -722,8 +709,7 @@ def bench_caches(cfg: str, image: torch.Tensor, roi, device, repeats: int, mem: 
             return predict_subsets(model, image, SUBSETS, roi_size=roi, device=device)
         return f
 
-    variants = {"cached": run(True, True), "no ws cache": run(False, True), "no zero cache": run(True, False),
-                "neither": run(False, False)}
+    variants = {"cached": run(True), "no zero cache": run(False)}
     log(f"caches {cfg} {tuple(image.shape)} roi {roi}")
     res = run_interleaved(variants, repeats, device, mem)
     base = med(res["cached"]["times"])
@@ -731,7 +717,7 @@ def bench_caches(cfg: str, image: torch.Tensor, roi, device, repeats: int, mem: 
     for name, r in res.items():
         out[name] = {"s": med(r["times"]), "vs_cached": med(r["times"]) / base,
                      "max_abs_diff": float((r["outs"][-1] - res["cached"]["outs"][-1]).abs().max())}
-    run(True, True)  # leave the model as it was
+    run(True)  # leave the model as it was
     return out
 
 
@@ -1059,12 +1045,12 @@ def report(results: dict) -> None:
     if results.get("caches"):
         rows = []
         for c in results["caches"]:
-            for name in ("cached", "no ws cache", "no zero cache", "neither"):
+            for name in ("cached", "no zero cache"):
                 v = c[name]
                 rows.append([c["config"], "x".join(map(str, c["roi"])), name, f"{v['s']:.3f}", f"{v['vs_cached']:.2f}x",
                              f"{v['max_abs_diff']:.1e}"])
-        print_table("inference caches of model.py on and off: 15-subset prediction of one case (seconds; ratio "
-                    "to all caches on)", ["config", "window", "variant", "seconds", "vs cached", "max |prob diff|"],
+        print_table("inference cache of model.py on and off: 15-subset prediction of one case (seconds; ratio "
+                    "to cached)", ["config", "window", "variant", "seconds", "vs cached", "max |prob diff|"],
                     rows)
     if results.get("decode"):
         rows = [[d["config"], d["window"], f"{d['sequential_s']:.3f}", f"{d['projected_1_s']:.3f}",

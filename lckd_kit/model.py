@@ -176,31 +176,16 @@ def parameter_count(model: nn.Module, trainable_only: bool = False) -> int:
 
 class _WeightStd:
     """Weight standardisation: each filter is made zero-mean and divided by sqrt(unbiased var + 1e-12)
-    over (in, *k) before the convolution (as the reference ``Conv3d_wd``). Without autograd the
-    standardised weight is cached until the weight changes (in place, replaced, moved) or
-    ``train()``/``eval()`` is called: inference pays for it once."""
-
-    _ws_cache = None
-
-    def train(self, mode: bool = True):
-        self._ws_cache = None  # also the reset point for edits through .data, which autograd does not count
-        return super().train(mode)
+    over (in, *k) before the convolution (as the reference ``Conv3d_wd``). Recomputed at every call:
+    caching it for inference measured no gain (benchmarks/run.py, caches section)."""
 
     def effective_weight(self) -> torch.Tensor:
-        w = self.weight
-        key = (w._version, w.device, w.dtype)
-        hit = self._ws_cache is not None and self._ws_cache[0] is w and self._ws_cache[1] == key
-        if hit and not torch.is_grad_enabled():
-            return self._ws_cache[2]
-        flat = w.flatten(1)
+        flat = self.weight.flatten(1)
         flat = flat - flat.mean(1, keepdim=True)
         # the unbiased variance of the centred filter, as a sum of squares: cheaper than torch.var
         # on these shapes (benchmarks/run.py, profile section; docs/performance.md)
         var = flat.square().sum(1, keepdim=True) / (flat.shape[1] - 1)
-        out = (flat / torch.sqrt(var + 1e-12)).view_as(w)
-        if not torch.is_grad_enabled():
-            self._ws_cache = (w, key, out)
-        return out
+        return (flat / torch.sqrt(var + 1e-12)).view_as(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.effective_weight(), self.bias)
