@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Peak memory of a BraTS-size `paper` run on the CPU, and whether it resumes bit-identically.
 
-    python benchmarks/memory.py             # 30 phantoms at 240x240x155 (1 mm), 200 paper steps, 48^3 crop
+    python benchmarks/memory.py             # 30 phantoms at 240x240x155 (1 mm), 200 paper steps, 32^3 crop
     python benchmarks/memory.py --quick     # 4 phantoms, 20 steps: checks that the script works
 
 The `paper` configuration (the reference recipe: its model, election, augmentation, 4 DataLoader
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-cases", type=int, default=30)
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--crop", type=int, default=48, help="cubic training crop (the reference's is 160x160x80)")
+    ap.add_argument("--crop", type=int, default=32, help="cubic training crop, a multiple of 32 (the reference's is 160x160x80)")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the paper config's)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the trainer")
     ap.add_argument("--data", default=None, help="folder for the phantoms (default: the kit's cache)")

@@ -265,6 +265,26 @@ def load_results(path: str | os.PathLike | None = None) -> CompareResults:
     return CompareResults(methods, seeds, list(d["cases"]), dice, np.array(d["truth_empty"], bool), meta)
 
 
+def export_models(out_dir: str | os.PathLike, dest: str | os.PathLike, seed: int = 0,
+                  methods: Sequence[str] = ("lckd", "dropout", "hemis", "regionfusion")) -> list[Path]:
+    """Slim checkpoints (weights, configs, teachers; no optimiser) ``dest/compare_<method>.pt`` of the
+    ``seed`` runs of a finished comparison in ``out_dir``: the models notebook 06's explorer shows
+    (``paths.method_checkpoint``). Same phantoms, schedule and seed for every method."""
+    from lckd_kit import checkpoint as ckpt_io
+
+    written = []
+    for m in _check_methods(methods):
+        src = Path(out_dir) / "runs" / f"{m}_seed{seed}" / "final.pt"
+        if not src.is_file():
+            raise FileNotFoundError(f"{src} not found: the comparison in {out_dir} has not finished {label(m)}, seed {seed}")
+        model, ckpt = ckpt_io.load_model(src)
+        slim = ckpt_io.checkpoint_dict(model, ckpt["config"], step=ckpt["step"], teachers=ckpt["teachers"],
+                                       elections=ckpt["elections"], split=ckpt.get("split", {}),
+                                       made_by={"comparison": str(out_dir), "method": m, "seed": seed})
+        written.append(ckpt_io.save(slim, Path(dest) / f"compare_{m}.pt"))
+    return written
+
+
 # --------------------------------------------------------------------------------------------
 # running the comparison
 
@@ -695,4 +715,4 @@ def run(args) -> int:
 
 __all__ = ["compare", "load_results", "CompareResults", "method_train_config", "write_compare_report",
            "what_the_numbers_show", "ranking_table", "rerun_command", "add_arguments", "run", "method_list", "DEFAULT_METHODS", "LABELS",
-           "METHOD_COLORS", "PUBLISHED", "SUMMARIES", "RESULTS_FORMAT", "REFERENCE_RESULTS"]
+           "METHOD_COLORS", "PUBLISHED", "SUMMARIES", "RESULTS_FORMAT", "REFERENCE_RESULTS", "export_models"]

@@ -3,30 +3,26 @@
 Why a phantom: real BraTS data cannot be redistributed, yet every notebook, test and demo of the
 kit needs four co-registered MRI modalities with ET/TC/WT labels. The phantom gives that in about a
 second per case, deterministically from a seed, in the BraTS 2020/2021 file layout so that the very
-same loader (:mod:`lckd_kit.data`) reads real and synthetic data.
+same loader (:mod:`lckd_kit.data`) reads real and synthetic data. Design, MRI sources and the
+calibration against real-scan results: ``docs/phantoms.md``.
 
-How a case is made (design and numbers: ``DATA_SPEC.md`` sections B0-B4 and R):
-
-* **Anatomy** -- GM/WM/CSF probability maps derived from the ICBM152 2009a template (bundled as
-  ``data_samples/icbm152_2009a_tissue_prior_96.nii.gz``, 96^3 at 2 mm, RAS). A smaller ``grid``
-  keeps the 192 mm field of view and uses coarser voxels, so tumours keep their size in mm.
-* **Tumour shape** -- centre in deep white matter; a randomly rotated ellipsoidal radius field with
-  borders made irregular by smoothed noise; oedema (ED) that follows white matter; a tumour core
-  (TC) made of an enhancing rim (ET), a necrotic centre (NCR) and non-enhancing patches (NET);
-  largest-component cleanup so that ET ⊂ TC ⊂ WT; optional mass effect (the anatomy is pushed away
-  from the tumour); about 15 % low-grade-like cases without enhancement (TC = NET only).
-* **Image formation** -- the signal table of DATA_SPEC B1 (partial volume from the tissue
-  probabilities), per-case jitter, smooth texture, confounders (enhancing vessels, choroid-plexus-
-  like spots), PSF blur, a smooth bias field per modality, Rician noise, background exactly 0,
-  int16 intensities on a 0..~1000 scale.
-
-The contrasts are chosen so that the single-modality ranking of real data holds (DATA_SPEC B2):
-T1ce is the best single modality for ET and TC, FLAIR for WT, T1 is the weakest -- which is what
-makes LCKD's teacher election meaningful.
+How a case is made (the anatomy is :mod:`lckd_kit.anatomy`, the signals :mod:`lckd_kit.contrast`):
+a tumour centre in deep white matter; a randomly rotated ellipsoidal radius field with irregular
+borders; oedema (ED) that follows white matter; a core (TC) of enhancing rim (ET), necrosis (NCR)
+and non-enhancing patches (NET), cleaned so that ET ⊂ TC ⊂ WT; optional mass effect; about 15 %
+low-grade-like cases without enhancement. The images: the signal table with partial volume,
+per-case jitter, texture, confounders (enhancing vessels, choroid-plexus-like spots), PSF blur, a
+bias field per modality, Rician noise, background exactly 0, int16 on a 0..~1000 scale.
+``cues`` (default 1, calibrated against real-scan results) sets how much the modalities other
+than T1ce (for ET) and FLAIR (for the oedema) reveal; ``cues=0`` reproduces generator version 2.
+T1ce stays the best single modality for ET and TC, FLAIR for WT -- which is what makes LCKD's
+teacher election meaningful.
 
 Public API::
 
     case = make_case(seed=3)                 # dict: image (4,X,Y,Z) int16, label (X,Y,Z) uint8, ...
+    case = make_case(3, cues=0.0)            # the previous generation's contrasts
+    case = make_case(3, geometry="brats")    # 240 x 240 x 155 at 1 mm, LPS, like a BraTS volume
     write_case(case, "out", "PhantomBraTS_000")
     paths = generate("out", n=20, seed=0)    # PhantomBraTS_000 ... _019 + a small manifest
     root = ensure_phantoms(20, seed=0)       # same, into a cache folder, generated once
@@ -35,81 +31,39 @@ These are synthetic images. They are not patients and are not for clinical use.
 """
 from __future__ import annotations
 
-import functools
 import gzip
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from . import MODALITIES
+from .anatomy import (BASE_GRID, BRATS_AFFINE, BRATS_BRAIN_CENTRE_VOX, BRATS_SHAPE, GEOMETRIES, PRIOR_FILE,  # noqa: F401
+                      TissuePrior, brain_depth, brats_space, load_prior, normalise_shape, smooth_noise,
+                      to_brats_volume)
+from .contrast import (DIFFICULTIES, ED_BORDER, ED_BORDER_V2, EFFACEMENT, LABEL_SLACK_MM, SIGNAL,  # noqa: F401
+                       SIGNAL_V2, check_cues, ed_border, signal_table)
+from .paths import data_samples_dir, default_cache_dir  # noqa: F401  (part of this module's API)
 
-__all__ = [
-    "GENERATOR_VERSION",
-    "PRIOR_FILE",
-    "SIGNAL",
-    "DIFFICULTIES",
-    "LABEL_STYLES",
-    "TissuePrior",
-    "data_samples_dir",
-    "load_prior",
-    "make_case",
-    "write_case",
-    "generate",
-    "case_seed",
-    "is_lgg_like",
-    "smooth_noise",
-    "brain_depth",
-    "case_file_names",
-    "default_cache_dir",
-    "ensure_phantoms",
-]
+__all__ = ["GENERATOR_VERSION", "LABEL_STYLES", "GEOMETRIES", "make_case", "write_case", "generate", "case_seed",
+           "is_lgg_like", "case_file_names", "ensure_phantoms", "cues_tag",
+           # re-exported from anatomy, contrast and paths
+           "PRIOR_FILE", "TissuePrior", "load_prior", "brain_depth", "smooth_noise", "SIGNAL", "SIGNAL_V2",
+           "ED_BORDER", "ED_BORDER_V2", "EFFACEMENT", "DIFFICULTIES", "signal_table", "ed_border",
+           "data_samples_dir", "default_cache_dir"]
 
 #: Bump when the generator changes its output; cached phantom sets are regenerated then.
-GENERATOR_VERSION = 2
+#: 3: cross-modal cues (the ``cues`` knob), BraTS-space geometry.
+GENERATOR_VERSION = 3
 
-PRIOR_FILE = "icbm152_2009a_tissue_prior_96.nii.gz"
-#: Field of view of every phantom grid (the bundled prior: 96 voxels of 2 mm).
-FOV_MM = 192.0
-BASE_GRID = 96
 #: Correlation length (Gaussian sigma, mm) of the within-tissue texture.
 TEXTURE_SIGMA_MM = 3.0
-
-#: Relative signal (0-1) per tissue, columns in MODALITIES order (flair, t1, t1ce, t2).
-#: Rows 0-6 are DATA_SPEC B1's generator table; the last two are the confounders.
-SIGNAL: dict[str, tuple[float, float, float, float]] = {
-    #              flair  t1    t1ce  t2
-    "wm":         (0.55, 0.90, 0.62, 0.30),
-    "gm":         (0.65, 0.65, 0.48, 0.42),
-    "csf":        (0.05, 0.25, 0.20, 0.95),
-    "ed":         (0.95, 0.60, 0.45, 0.72),
-    "ncr":        (0.40, 0.38, 0.25, 0.88),
-    "et":         (0.80, 0.65, 0.98, 0.55),
-    "net":        (0.82, 0.58, 0.46, 0.62),
-    # enhancing vessel: bright after contrast, flow void (dark) on T2/FLAIR
-    "vessel":     (0.20, 0.55, 0.95, 0.15),
-    # choroid-plexus-like spot inside a ventricle: enhancing, intermediate elsewhere
-    "plexus":     (0.55, 0.55, 0.92, 0.60),
-}
-
-#: Difficulty knobs: Rician noise (x mean brain signal), tumour contrast (blend weight of the tumour
-#: signal over the healthy one), within-tissue texture SD, bias-field amplitude (log-SD of a 40 mm
-#: smooth field), and how many confounders of each kind (min, max).
-#: DATA_SPEC B1/B3 suggest texture 8 % and bias 0.15. Looked at, both make blotches that read as
-#: oedema-like FLAIR patches on grey matter (texture at 2 SD: +16 %; bias at 2 SD: +35 % over a
-#: lobe), so "standard" uses texture 5 % and bias 0.10, and "hard" the full spec values and more.
-#: (ET keeps its own 10 % heterogeneity at every level.)
-DIFFICULTIES: dict[str, dict] = {
-    "easy": dict(noise=0.03, contrast=1.0, texture=0.03, bias=0.05, vessels=(0, 0), plexus=(0, 0)),
-    "standard": dict(noise=0.04, contrast=1.0, texture=0.05, bias=0.10, vessels=(3, 6), plexus=(1, 2)),
-    "hard": dict(noise=0.055, contrast=0.75, texture=0.08, bias=0.15, vessels=(6, 10), plexus=(2, 3)),
-}
 
 #: label value of (NCR/NET, ED, ET) and the file suffixes per convention.
 LABEL_STYLES: dict[str, dict] = {
@@ -120,160 +74,6 @@ LABEL_STYLES: dict[str, dict] = {
 # internal tissue codes of the tumour map (0 = healthy / background)
 _ED, _NCR, _ET, _NET = 1, 2, 3, 4
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-# --------------------------------------------------------------------------------------------
-# the anatomical prior
-# --------------------------------------------------------------------------------------------
-class TissuePrior(NamedTuple):
-    """Tissue probabilities on a phantom grid.
-
-    ``probs``: (3, X, Y, Z) float32 in [0, 1], channels (gm, wm, csf), read-only;
-    ``affine``: (4, 4) RAS voxel -> mm.
-    """
-
-    probs: np.ndarray
-    affine: np.ndarray
-
-    @property
-    def spacing(self) -> np.ndarray:
-        """Voxel size in mm, shape (3,)."""
-        return np.abs(np.diag(self.affine)[:3]).copy()
-
-    @property
-    def brain(self) -> np.ndarray:
-        """Brain mask (X, Y, Z) bool: where the three probabilities sum to more than 0.5."""
-        return self.probs.sum(0) > 0.5
-
-
-def data_samples_dir() -> Path:
-    """Folder holding the bundled prior and demo cases.
-
-    ``$LCKD_KIT_DATA_SAMPLES`` if set, else ``<repo>/data_samples`` next to the package.
-    """
-    env = os.environ.get("LCKD_KIT_DATA_SAMPLES")
-    return Path(env) if env else _REPO_ROOT / "data_samples"
-
-
-def _normalise_shape(shape: int | Sequence[int] | None) -> tuple[int, int, int]:
-    if shape is None:
-        return (BASE_GRID,) * 3
-    if isinstance(shape, (int, np.integer)):
-        return (int(shape),) * 3
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 8:
-        raise ValueError(f"grid shape must be an int or 3 ints >= 8, got {shape}")
-    return shape
-
-
-def _grid_affine(base_affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Affine of a ``shape`` grid covering exactly the field of view of the 96^3 base grid."""
-    base_sp = np.diag(base_affine)[:3]
-    lower_edge = base_affine[:3, 3] - base_sp / 2.0  # outer face of voxel 0
-    sp = base_sp * BASE_GRID / np.asarray(shape)
-    out = np.diag(np.append(sp, 1.0))
-    out[:3, 3] = lower_edge + sp / 2.0
-    return out
-
-
-def _resample(vol: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Resample one volume onto another axis-aligned grid: Gaussian anti-aliasing, then trilinear."""
-    src_sp = np.abs(np.diag(src_affine)[:3])
-    dst_sp = np.abs(np.diag(dst_affine)[:3])
-    sigma = np.sqrt(np.maximum(dst_sp**2 - src_sp**2, 0.0)) / 2.3548 / src_sp
-    smooth = ndimage.gaussian_filter(vol.astype(np.float32), sigma) if sigma.max() > 0 else vol
-    vox2vox = np.linalg.inv(src_affine) @ dst_affine
-    # axis-aligned grids: each output axis samples one input axis, so 1-D coordinates suffice
-    axes = [vox2vox[k, k] * np.arange(shape[k]) + vox2vox[k, 3] for k in range(3)]
-    coords = np.meshgrid(*axes, indexing="ij")
-    return ndimage.map_coordinates(smooth, coords, order=1, mode="nearest").astype(np.float32)
-
-
-@functools.lru_cache(maxsize=8)
-def _load_prior_cached(shape: tuple[int, int, int], folder: str) -> TissuePrior:
-    path = Path(folder) / PRIOR_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"tissue prior {path} not found. It ships in the repository's data_samples/ folder; "
-            "run from a checkout of lckd_kit, set LCKD_KIT_DATA_SAMPLES to a folder holding "
-            f"{PRIOR_FILE}, or rebuild it with `python tools/make_prior.py`."
-        )
-    img = nib.load(str(path))
-    data = np.asanyarray(img.dataobj)  # (96, 96, 96, 3) uint8
-    probs = np.moveaxis(data, -1, 0).astype(np.float32) / 255.0
-    affine = img.affine.copy()
-    if shape != probs.shape[1:]:
-        new_affine = _grid_affine(affine, shape)
-        probs = np.stack([_resample(p, affine, new_affine, shape) for p in probs])
-        affine = new_affine
-    probs = np.ascontiguousarray(np.clip(probs, 0.0, 1.0))
-    probs.setflags(write=False)  # cached and shared: nobody may modify it in place
-    affine.setflags(write=False)
-    return TissuePrior(probs, affine)
-
-
-@functools.lru_cache(maxsize=8)
-def _brain_depth_cached(shape: tuple[int, int, int], folder: str) -> np.ndarray:
-    prior = _load_prior_cached(shape, folder)
-    depth = ndimage.distance_transform_edt(prior.brain, sampling=prior.spacing).astype(np.float32)
-    depth.setflags(write=False)
-    return depth
-
-
-def brain_depth(shape: int | Sequence[int] | None = None) -> np.ndarray:
-    """Distance (mm) of every brain voxel to the outside of the brain mask: (X, Y, Z) float32, cached."""
-    return _brain_depth_cached(_normalise_shape(shape), str(data_samples_dir()))
-
-
-def load_prior(shape: int | Sequence[int] | None = None) -> TissuePrior:
-    """The bundled GM/WM/CSF prior, on the 96^3 @ 2 mm grid or resampled to ``shape``.
-
-    ``shape``: None (96^3), an int n (n^3) or three ints; the 192 mm field of view is kept, so
-    the voxel size becomes 192/n mm (32 -> 6 mm). Returns a :class:`TissuePrior` with probs
-    (3, X, Y, Z) float32 (gm, wm, csf; read-only, cached) and a RAS affine.
-    Raises FileNotFoundError if the prior file cannot be found.
-    """
-    return _load_prior_cached(_normalise_shape(shape), str(data_samples_dir()))
-
-
-# --------------------------------------------------------------------------------------------
-# random fields
-# --------------------------------------------------------------------------------------------
-def _upsample_matrix(n_fine: int, n_coarse: int, factor: int, margin: int) -> np.ndarray:
-    """(n_fine, n_coarse) linear-interpolation weights: fine voxel i sits at coarse (i+.5)/f-.5+margin."""
-    pos = (np.arange(n_fine) + 0.5) / factor - 0.5 + margin
-    lo = np.floor(pos).astype(int)
-    frac = (pos - lo).astype(np.float32)
-    mat = np.zeros((n_fine, n_coarse), dtype=np.float32)
-    mat[np.arange(n_fine), lo] = 1.0 - frac
-    mat[np.arange(n_fine), lo + 1] = frac
-    return mat
-
-
-def smooth_noise(rng: np.random.Generator, shape: tuple[int, int, int], sigma_vox: float) -> np.ndarray:
-    """Gaussian-smoothed white noise, rescaled to zero mean and unit variance: (X, Y, Z) float32.
-
-    Wide kernels are made on a coarse grid and linearly upsampled (separable, three small matrix
-    products) -- a 40 mm bias field costs milliseconds instead of half a second.
-    """
-    factor = max(1, int(sigma_vox // 2))  # keeps >= 2 coarse voxels per sigma: upsampling stays smooth
-    margin = 1
-    cshape = tuple(-(-s // factor) + 2 * margin for s in shape)
-    field = rng.standard_normal(cshape, dtype=np.float32)
-    field = ndimage.gaussian_filter(field, sigma_vox / factor, mode="wrap")
-    if factor > 1:
-        m0, m1, m2 = (_upsample_matrix(nf, nc, factor, margin) for nf, nc in zip(shape, cshape))
-        field = (m0 @ field.reshape(cshape[0], -1)).reshape(shape[0], cshape[1], cshape[2])
-        field = np.matmul(m1, field)  # (Y, cy) @ (X, cy, cz) -> (X, Y, cz)
-        field = field @ m2.T  # -> (X, Y, Z)
-    else:
-        field = field[margin:margin + shape[0], margin:margin + shape[1], margin:margin + shape[2]]
-    field = np.ascontiguousarray(field, dtype=np.float32)
-    sub = field[::2, ::2, ::2]  # a smooth field's moments are well estimated from every 8th voxel
-    field -= sub.mean()
-    field /= max(float(sub.std()), 1e-6)
-    return field
 
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -293,16 +93,16 @@ def _world_axes(affine: np.ndarray, shape: tuple[int, int, int]) -> list[np.ndar
     return [affine[k, k] * np.arange(shape[k], dtype=np.float32) + affine[k, 3] for k in range(3)]
 
 
-def _pick_centre(rng: np.random.Generator, prior: TissuePrior) -> np.ndarray:
+def _pick_centre(rng: np.random.Generator, prior: TissuePrior, depth: np.ndarray, z_min_mm: float = -5.0) -> np.ndarray:
     """Tumour centre (mm, (3,)): a random voxel in deep white matter, supratentorial.
 
-    DATA_SPEC B3: WM probability > 0.6 and >= 14 mm inside the brain; additionally z > -5 mm (MNI)
-    because adult gliomas are mostly supratentorial (this keeps them out of the cerebellum).
+    WM probability > 0.6 and >= 14 mm inside the brain (``depth``: distance to the outside of the
+    brain, mm); additionally z > ``z_min_mm`` (-5 mm in MNI space) because adult gliomas are
+    mostly supratentorial (this keeps them out of the cerebellum).
     """
     gm, wm, csf = prior.probs
-    depth = brain_depth(wm.shape)
     z_mm = _world_axes(prior.affine, wm.shape)[2]
-    ok = (wm > 0.6) & (depth >= 14.0) & (z_mm[None, None, :] > -5.0)
+    ok = (wm > 0.6) & (depth >= 14.0) & (z_mm[None, None, :] > z_min_mm)
     if not ok.any():  # very coarse grids: relax to the deepest white matter available
         ok = (wm > 0.5) & (depth >= 0.5 * depth.max())
     candidates = np.argwhere(ok)
@@ -314,7 +114,7 @@ def _mass_effect(probs: np.ndarray, affine: np.ndarray, brain: np.ndarray, centr
                  r_tc: float, r_wt: float) -> np.ndarray:
     """Push the anatomy away from the tumour: probs'(x) = probs(x - u(x)) -> (3, X, Y, Z) float32.
 
-    u(x) = 0.3 R_tc exp(-|x-c|^2 / 2 R_wt^2) (x-c)/|x-c|  (DATA_SPEC B3.7), so ventricles and
+    u(x) = 0.3 R_tc exp(-|x-c|^2 / 2 R_wt^2) (x-c)/|x-c|, so ventricles and
     sulci next to the tumour are compressed, as in real glioblastoma. Only brain voxels are
     resampled (outside stays 0): a quarter of the grid, a quarter of the cost.
     """
@@ -346,11 +146,12 @@ def _largest_component(mask: np.ndarray, weight: np.ndarray | None = None) -> np
 
 def _tumour_map(rng: np.random.Generator, probs: np.ndarray, brain: np.ndarray, affine: np.ndarray,
                 centre: np.ndarray, geom: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Paint the tumour (DATA_SPEC B3.2-6 and B3.8).
+    """Paint the tumour (shape, topology, the low-grade-like variant).
 
     Returns ``tissue`` (X, Y, Z) uint8 with codes 0 healthy, _ED, _NCR, _ET, _NET (ET ⊂ TC ⊂ WT
-    guaranteed by construction and cleanup) and ``ed_weight`` (X, Y, Z) float32: the oedema blend
-    weight, fading from 1 deep inside to 0.35 at the WT border over geom["fade_mm"].
+    guaranteed by construction and cleanup) and ``ed_ramp`` (X, Y, Z) float32: 0 at the WT border
+    rising to 1 at geom["fade_mm"] inside; the oedema blend weight is
+    ``border + (1 - border) * ed_ramp`` with a per-modality ``border`` (:func:`ed_border`).
     """
     shape = brain.shape
     sp = np.abs(np.diag(affine)[:3])
@@ -395,12 +196,12 @@ def _tumour_map(rng: np.random.Generator, probs: np.ndarray, brain: np.ndarray, 
         idx = np.argwhere(wt)
         box = tuple(slice(max(lo - 1, 0), hi + 2) for lo, hi in zip(idx.min(0), idx.max(0)))
         depth[box] = ndimage.distance_transform_edt(wt[box], sampling=sp)
-    ed_weight = 0.35 + 0.65 * np.clip((depth - 0.5 * mean_sp) / geom["fade_mm"], 0.0, 1.0)
-    return tissue, ed_weight.astype(np.float32)
+    ed_ramp = np.clip((depth - 0.5 * mean_sp) / geom["fade_mm"], 0.0, 1.0)
+    return tissue, ed_ramp.astype(np.float32)
 
 
 def _lgg_decision(rng: np.random.Generator, no_et_fraction: float) -> bool:
-    """The low-grade-like decision (DATA_SPEC B3.8): True with probability ``no_et_fraction``."""
+    """The low-grade-like decision: True with probability ``no_et_fraction``."""
     return bool(rng.random() < no_et_fraction)
 
 
@@ -423,7 +224,7 @@ def _shape_axes(rng: np.random.Generator) -> np.ndarray:
 
 
 def _draw_geometry(rng: np.random.Generator, no_et_fraction: float) -> dict:
-    """Random tumour parameters (mm) of DATA_SPEC B3.3 and the LGG-like decision (B3.8).
+    """Random tumour parameters (mm) and the LGG-like decision.
 
     The LGG decision must stay the generator's first draw (see :func:`is_lgg_like`).
     """
@@ -505,7 +306,8 @@ def _check_style(label_style: str) -> None:
 
 
 def make_case(seed: int, grid: int | Sequence[int] = 96, difficulty: str = "standard",
-              no_et_fraction: float = 0.15, mass_effect: bool = True, label_style: str = "brats2018") -> dict:
+              no_et_fraction: float = 0.15, mass_effect: bool = True, label_style: str = "brats2018",
+              cues: float = 1.0, geometry: str = "mni") -> dict:
     """Generate one synthetic case, deterministically from ``seed``.
 
     Parameters
@@ -516,36 +318,65 @@ def make_case(seed: int, grid: int | Sequence[int] = 96, difficulty: str = "stan
     no_et_fraction : probability that the case is low-grade-like (no enhancing tumour).
     mass_effect : push the anatomy away from the tumour.
     label_style : "brats2018" (labels 0,1,2,4) or "brats2023" (0,1,2,3).
+    cues : how much the modalities other than T1ce (for the enhancing tumour) and FLAIR (for the
+        oedema) reveal of the tumour, a float >= 0. 0 reproduces generator version 2 (tumour
+        hardly visible on T1, oedema looking like grey matter on T1/T1ce); 1 (default) is
+        calibrated so that a model trained on phantoms learns a 15-subset Dice table close to
+        models trained on real BraTS scans; above 1 the cross-modal contrasts grow further
+        (signals clipped to their valid range). The labels do not depend on ``cues``.
+    geometry : "mni" (default): the ``grid`` above, RAS, MNI mm. "brats": the grid of real BraTS
+        volumes, 240 x 240 x 155 voxels of 1 mm in LPS orientation (SRI24 space, affine
+        :data:`BRATS_AFFINE`), the anatomy scaled to a BraTS-sized brain and placed where a BraTS
+        brain sits (``grid`` must stay at its default). Tumour sizes are in mm in both.
 
     Returns a dict:
       ``image`` (4, X, Y, Z) int16, MODALITIES order, 0 outside the brain, ~0..1000 inside;
-      ``label`` (X, Y, Z) uint8 in ``label_style``; ``affine`` (4, 4) RAS; ``spacing`` (3,) mm;
+      ``label`` (X, Y, Z) uint8 in ``label_style``; ``affine`` (4, 4) (RAS for "mni", LPS for
+      "brats"); ``spacing`` (3,) mm;
       ``brain`` (X, Y, Z) bool; ``has_et`` bool; ``lgg_like`` bool;
       ``volumes`` {"ET", "TC", "WT"} in cm^3; ``label_style``; ``params`` (the drawn parameters).
     """
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"difficulty must be one of {sorted(DIFFICULTIES)}, got {difficulty!r}")
     _check_style(label_style)
+    cues = check_cues(cues)
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
     knobs = DIFFICULTIES[difficulty]
     rng = np.random.default_rng(seed)
-    prior = load_prior(grid)
+    if geometry == "brats":
+        if normalise_shape(grid) != (BASE_GRID,) * 3:
+            raise ValueError("geometry='brats' has its own grid (240 x 240 x 155 at 1 mm): leave grid at its default")
+        space = brats_space()
+        prior, depth_map, z_min = space.prior, space.depth, space.z_min_mm
+    else:
+        prior = load_prior(grid)
+        depth_map, z_min = brain_depth(prior.probs.shape[1:]), -5.0
     affine = np.array(prior.affine)
     sp = prior.spacing
     shape = prior.probs.shape[1:]
 
     geom = _draw_geometry(rng, no_et_fraction)
-    centre = _pick_centre(rng, prior)
+    centre = _pick_centre(rng, prior, depth_map, z_min)
     brain = prior.brain  # the skull-stripping mask is not moved by the tumour
     if mass_effect:
         probs = _mass_effect(prior.probs, affine, brain, centre, geom["R_tc"], geom["R_wt"])
     else:
         probs = prior.probs * brain
-    tissue, ed_weight = _tumour_map(rng, probs, brain, affine, centre, geom)
+    tissue, ed_ramp = _tumour_map(rng, probs, brain, affine, centre, geom)
+    # what the images show: the labelled tumour, its boundaries displaced a little (rater slack)
+    slack = min(cues, 1.0)
+    cue_rng = np.random.default_rng([int(seed) % 2**63, 0xC0E5])  # own stream: the v2 draws stay intact
+    if slack > 0:
+        image_tissue, image_ramp = _label_slack(cue_rng, tissue, ed_ramp, sp,
+                                                {k: v * slack for k, v in LABEL_SLACK_MM.items()})
+    else:
+        image_tissue, image_ramp = tissue, ed_ramp
 
     n_vessels = int(rng.integers(knobs["vessels"][0], knobs["vessels"][1] + 1))
     n_plexus = int(rng.integers(knobs["plexus"][0], knobs["plexus"][1] + 1))
     keep_out = ndimage.binary_dilation(tissue > 0, iterations=max(1, int(round(4.0 / sp.mean()))))
-    vessel_w, plexus_w = _confounders(rng, probs, brain, brain_depth(shape), affine, keep_out, n_vessels, n_plexus)
+    vessel_w, plexus_w = _confounders(rng, probs, brain, depth_map, affine, keep_out, n_vessels, n_plexus)
 
     # Image formation works on the brain voxels only (1-D arrays, ~27 % of the grid); the
     # background is exactly 0 anyway. Healthy partial-volume weights are renormalised so that the
@@ -553,27 +384,43 @@ def make_case(seed: int, grid: int | Sequence[int] = 96, difficulty: str = "stan
     inside = np.nonzero(brain)
     pv = probs[(slice(None),) + inside]
     pv = pv / np.maximum(pv.sum(0, keepdims=True), 1e-3)
-    tis = tissue[inside]
-    tumour_w = np.where(tis == _ED, ed_weight[inside], (tis > 0).astype(np.float32)) * knobs["contrast"]
+    efface = min(EFFACEMENT * cues, 0.95)
+    if efface > 0:
+        pv = _efface_sulci(pv, inside, affine, centre, geom["R_wt"], efface)
+    tis = image_tissue[inside]
+    ramp = image_ramp[inside]
+    is_ed = tis == _ED
+    is_tumour = (tis > 0).astype(np.float32)
     texture_sd = np.where(tis == _ET, max(knobs["texture"], 0.10), knobs["texture"]).astype(np.float32)
     vessel_w, plexus_w = vessel_w[inside], plexus_w[inside]
     mean_sp = float(sp.mean())
-
+    table = signal_table(cues)
+    border = ed_border(cues)
     image = np.zeros((len(MODALITIES),) + tuple(shape), np.int16)
     full = np.zeros(shape, np.float32)
+    edge_fill = slack if slack > 0 else None  # 0 at cues=0: version 2's darkened edge
+    edge_norm = np.maximum(ndimage.gaussian_filter(brain.astype(np.float32), 0.6)[inside], 0.05)
     for m in range(len(MODALITIES)):
-        jitter = rng.uniform(0.9, 1.1, size=len(SIGNAL))  # per case, modality and tissue
-        sig = {name: row[m] * j for (name, row), j in zip(SIGNAL.items(), jitter)}
+        jitter = rng.uniform(0.9, 1.1, size=len(table))  # per case, modality and tissue
+        sig = {name: row[m] * j for (name, row), j in zip(table.items(), jitter)}
         healthy = pv[0] * sig["gm"] + pv[1] * sig["wm"] + pv[2] * sig["csf"]
         lut = np.zeros(5, np.float32)  # tumour signal indexed by tissue code (0 unused: weight 0)
         lut[_ED], lut[_NCR], lut[_ET], lut[_NET] = sig["ed"], sig["ncr"], sig["et"], sig["net"]
+        b = float(border[m])
+        ed_w = b + (1.0 - b) * ramp  # oedema fades towards the WT border, per modality
+        tumour_w = np.where(is_ed, ed_w, is_tumour) * knobs["contrast"]
         signal = healthy + tumour_w * (lut[tis] - healthy)
         signal += vessel_w * (sig["vessel"] - signal)
         signal += plexus_w * (sig["plexus"] - signal)
         signal *= 1.0 + texture_sd * smooth_noise(rng, shape, TEXTURE_SIGMA_MM / mean_sp)[inside]
 
         full[inside] = signal
-        signal = ndimage.gaussian_filter(full, 0.6)[inside]  # PSF (the dark outside blurs in: partial volume)
+        signal = ndimage.gaussian_filter(full, 0.6)[inside]  # PSF
+        if edge_fill is not None:
+            # the scanner blurred brain into CSF and skull, not into the black background that
+            # skull stripping left: blur within the brain only (version 2 let the outside darken the
+            # edge, which turned the small brain islands of the top and bottom slices into rings)
+            signal = (1.0 - edge_fill) * signal + edge_fill * signal / edge_norm
         signal *= np.exp(knobs["bias"] * smooth_noise(rng, shape, 40.0 / mean_sp)[inside])  # bias field
         sigma = knobs["noise"] * float(signal.mean())
         e1 = rng.standard_normal(signal.shape, dtype=np.float32)
@@ -587,6 +434,10 @@ def make_case(seed: int, grid: int | Sequence[int] = 96, difficulty: str = "stan
     n_et = int((tissue == _ET).sum())
     n_tc = int(np.isin(tissue, (_NCR, _ET, _NET)).sum())
     n_wt = int((tissue > 0).sum())
+    grid_out = list(shape)
+    if geometry == "brats":  # working box -> the full BraTS volume, LPS
+        image, label, brain = (to_brats_volume(a, space.lo) for a in (image, label, brain))
+        affine, grid_out = BRATS_AFFINE.copy(), list(BRATS_SHAPE)
     return dict(
         image=image,
         label=label,
@@ -598,12 +449,62 @@ def make_case(seed: int, grid: int | Sequence[int] = 96, difficulty: str = "stan
         volumes=dict(ET=n_et * voxel_cm3, TC=n_tc * voxel_cm3, WT=n_wt * voxel_cm3),
         label_style=label_style,
         params=dict(
-            seed=int(seed), grid=list(shape), difficulty=difficulty, no_et_fraction=float(no_et_fraction),
+            seed=int(seed), grid=grid_out, geometry=geometry, difficulty=difficulty, no_et_fraction=float(no_et_fraction),
             mass_effect=bool(mass_effect), centre_mm=[round(float(c), 1) for c in centre],
             R_tc=round(geom["R_tc"], 2), R_ncr=round(geom["R_ncr"], 2), R_wt=round(geom["R_wt"], 2),
-            n_vessels=n_vessels, n_plexus=n_plexus, generator_version=GENERATOR_VERSION,
+            n_vessels=n_vessels, n_plexus=n_plexus, cues=cues, generator_version=GENERATOR_VERSION,
         ),
     )
+
+
+def _label_slack(rng: np.random.Generator, tissue: np.ndarray, ed_ramp: np.ndarray, sp: np.ndarray,
+                 amp_mm: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """The tumour as the image shows it: ``tissue`` and ``ed_ramp`` displaced by smooth random fields.
+
+    The core layout (NCR/ET/NET) moves with one field (RMS ``amp_mm["core"]`` per axis), the
+    whole-tumour outline with another (``amp_mm["wt"]``), both with 6 mm correlation; the core
+    stays inside the whole tumour. Only the tumour's bounding box (plus a margin) is resampled.
+    """
+    if not tissue.any():
+        return tissue, ed_ramp
+    margin = int(np.ceil(4.0 * max(amp_mm.values()) / sp.min())) + 1
+    idx = np.argwhere(tissue > 0)
+    box = tuple(slice(max(lo - margin, 0), hi + margin + 1) for lo, hi in zip(idx.min(0), idx.max(0)))
+    t, ramp = tissue[box], ed_ramp[box]
+    shape = t.shape
+    grid = np.indices(shape, dtype=np.float32)
+    sigma = 6.0 / float(sp.mean())
+
+    def coords(amp):
+        return [grid[k] + (amp / sp[k]) * smooth_noise(rng, shape, sigma) for k in range(3)]
+
+    c_core = coords(amp_mm["core"])
+    c_wt = coords(amp_mm["wt"])
+    core = ndimage.map_coordinates(t, c_core, order=0, mode="nearest")
+    core[core == _ED] = 0
+    wt = ndimage.map_coordinates(t, c_wt, order=0, mode="nearest") > 0
+    out_t = tissue.copy()
+    out_t[box] = np.where(core > 0, core, np.where(wt, _ED, 0)).astype(tissue.dtype)
+    out_r = ed_ramp.copy()
+    out_r[box] = ndimage.map_coordinates(ramp, c_wt, order=1, mode="nearest")
+    return out_t, out_r
+
+
+def _efface_sulci(pv: np.ndarray, inside: tuple, affine: np.ndarray, centre: np.ndarray, r_wt: float,
+                  amount: float) -> np.ndarray:
+    """Sulcal effacement: near the tumour part of the CSF partial volume becomes grey matter.
+
+    ``pv`` (3, n) gm/wm/csf weights of the brain voxels ``inside``; the squeezed fraction is
+    ``amount * exp(-|x-c|^2 / 2 R_wt^2)``, so sulci narrow around the tumour and recover
+    further away. Image formation only: the labels (drawn from the uncompressed CSF) do not change.
+    """
+    sp = np.diag(affine)[:3]
+    d2 = sum((affine[k, 3] + sp[k] * inside[k].astype(np.float32) - centre[k]) ** 2 for k in range(3))
+    squeeze = (amount * np.exp(-d2 / (2.0 * r_wt**2))).astype(np.float32) * pv[2]
+    out = pv.copy()
+    out[2] -= squeeze
+    out[0] += squeeze
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -687,23 +588,30 @@ def _case_complete(folder: Path, name: str, label_style: str) -> bool:
 
 def generate(out_dir: str | os.PathLike, n: int, seed: int = 0, grid: int = 96, difficulty: str = "standard",
              no_et_fraction: float = 0.15, mass_effect: bool = True, label_style: str = "brats2018",
-             prefix: str = "PhantomBraTS", progress: bool = True) -> list[Path]:
+             prefix: str = "PhantomBraTS", progress: bool = True, cues: float = 1.0,
+             geometry: str = "mni") -> list[Path]:
     """Write ``n`` cases ``<prefix>_000`` ... into ``out_dir``; return their folders.
 
     Case ``i`` uses seed :func:`case_seed` (seed, i). A small manifest (``phantom_manifest.json``)
     records the parameters: cases already present with identical parameters are skipped, any
     parameter change (or a new GENERATOR_VERSION) regenerates them, and cases listed in an old
-    manifest beyond ``n`` are removed so the folder holds exactly the set asked for.
+    manifest beyond ``n`` are removed so the folder holds exactly the set asked for. ``cues``: see
+    :func:`make_case` (recorded in the manifest; a different value regenerates the cases).
     """
     from tqdm.auto import tqdm
 
     _check_style(label_style)
+    cues = check_cues(cues)
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    params = dict(generator_version=GENERATOR_VERSION, seed=int(seed), grid=_normalise_shape(grid),
+    params = dict(generator_version=GENERATOR_VERSION, seed=int(seed), grid=normalise_shape(grid),
                   difficulty=difficulty, no_et_fraction=float(no_et_fraction), mass_effect=bool(mass_effect),
-                  label_style=label_style, prefix=prefix)
+                  label_style=label_style, prefix=prefix, cues=cues)
     params["grid"] = list(params["grid"])
+    if geometry != "mni":  # keeps the manifests of the default geometry as they were
+        params["geometry"] = geometry
     manifest_path = out_dir / MANIFEST
     old = {}
     if manifest_path.is_file():
@@ -725,7 +633,7 @@ def generate(out_dir: str | os.PathLike, n: int, seed: int = 0, grid: int = 96, 
             done[name] = old["cases"][name]
         else:
             case = make_case(s, grid=grid, difficulty=difficulty, no_et_fraction=no_et_fraction,
-                             mass_effect=mass_effect, label_style=label_style)
+                             mass_effect=mass_effect, label_style=label_style, cues=cues, geometry=geometry)
             write_case(case, out_dir, name, label_style)
             done[name] = dict(seed=s, has_et=case["has_et"],
                               volumes_cm3={k: round(v, 2) for k, v in case["volumes"].items()})
@@ -735,25 +643,23 @@ def generate(out_dir: str | os.PathLike, n: int, seed: int = 0, grid: int = 96, 
     return paths
 
 
-def default_cache_dir() -> Path:
-    """``$LCKD_KIT_CACHE``, else ``<repo>/.cache/lckd_kit`` in a checkout, else ``~/.cache/lckd_kit``."""
-    env = os.environ.get("LCKD_KIT_CACHE")
-    if env:
-        return Path(env)
-    if (_REPO_ROOT / "pyproject.toml").is_file():
-        return _REPO_ROOT / ".cache" / "lckd_kit"
-    return Path.home() / ".cache" / "lckd_kit"
+def cues_tag(cues: float) -> str:
+    """Folder-name tag of a ``cues`` value: 1.0 -> ``"c1"``, 0.5 -> ``"c0.5"``, 2 -> ``"c2"``."""
+    return f"c{check_cues(cues):g}"
 
 
 def ensure_phantoms(n: int, seed: int = 0, grid: int = 96, cache_dir: str | os.PathLike | None = None,
-                    difficulty: str = "standard", progress: bool = True) -> Path:
+                    difficulty: str = "standard", progress: bool = True, cues: float = 1.0,
+                    geometry: str = "mni") -> Path:
     """Folder with ``n`` phantom cases of these parameters, generated on first use (~1 s/case).
 
-    The folder name encodes the parameters (``phantoms_v1_g96_standard_s0_n20``), so different
+    The folder name encodes the parameters (``phantoms_v3_g96_standard_c1_s0_n20``), so different
     requests never mix; :func:`generate`'s manifest makes repeated calls nearly free.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    g = "x".join(str(s) for s in _normalise_shape(grid)) if not isinstance(grid, int) else str(grid)
-    folder = root / f"phantoms_v{GENERATOR_VERSION}_g{g}_{difficulty}_s{seed}_n{n}"
-    generate(folder, n, seed=seed, grid=grid, difficulty=difficulty, progress=progress)
+    g = "x".join(str(s) for s in normalise_shape(grid)) if not isinstance(grid, int) else str(grid)
+    if geometry == "brats":
+        g = "brats"
+    folder = root / f"phantoms_v{GENERATOR_VERSION}_g{g}_{difficulty}_{cues_tag(cues)}_s{seed}_n{n}"
+    generate(folder, n, seed=seed, grid=grid, difficulty=difficulty, progress=progress, cues=cues, geometry=geometry)
     return folder

@@ -217,9 +217,9 @@ def report_markdown(results: dict) -> str:
     seconds = sum(r.get("seconds", 0.0) for r in runs)
     lines = [f"Runs: {len(runs)} (`{results['config']}`, {results['n_cases']} training phantoms and "
              f"{results['n_test']} held-out phantoms of {results['grid']}^3 per setting, phantom generator "
-             f"v{results.get('phantom_generator_version', '?')}); {seconds / 3600:.1f} CPU-hours of training and "
-             f"evaluation on {results.get('machine', 'an unrecorded machine')} with {results.get('threads', '?')} "
-             f"torch thread(s).", "", f"Command: `{results.get('command', 'see run_sweep')}`", "",
+             f"v{results.get('phantom_generator_version', '?')}); {seconds / 3600:.1f} hours of wall-clock time for "
+             f"training and evaluation on {results.get('machine', 'an unrecorded machine')} with "
+             f"{results.get('threads', '?')} torch thread(s) per run.", "", f"Command: `{results.get('command', 'see run_sweep')}`", "",
              "### LCKD − no-KD, paired by seed and case (95 % bootstrap intervals over seeds and cases)", "",
              "| cues | outcome | LCKD | no-KD | LCKD − no-KD | interval | per seed |", "|--:|---|--:|--:|--:|---|---|"]
     for r in gains(results):

@@ -238,3 +238,23 @@ def test_cli_arguments_reach_compare(monkeypatch, tmp_path, capsys):
                      "--out", str(tmp_path / "cmp"), "--threads", "1"], tune_process=False) == 0
     assert seen["methods"] == list(cmp.DEFAULT_METHODS) and seen["seeds"] == [0, 1, 2]
     assert seen["train_overrides"] is None and seen["out_dir"] == str(tmp_path / "cmp")
+
+
+def test_export_models_writes_slim_loadable_checkpoints(run, tmp_path):
+    import torch
+
+    from lckd_kit.checkpoint import load_checkpoint, load_model
+
+    out = run[0]
+    written = cmp.export_models(out, tmp_path, seed=0, methods=("lckd", "hemis"))
+    assert [p.name for p in written] == ["compare_lckd.pt", "compare_hemis.pt"]
+    for path, kind in zip(written, ("LCKDNet", "HeMISNet")):
+        ckpt = load_checkpoint(path)
+        assert "optimizer" not in ckpt and ckpt["made_by"]["seed"] == 0
+        model, _ = load_model(path)
+        assert type(model).__name__ == kind
+        full, _ = load_model(out / "runs" / f"{path.stem.split('_', 1)[1]}_seed0" / "final.pt")
+        for (k, a), (_, b) in zip(model.state_dict().items(), full.state_dict().items()):
+            assert torch.equal(a, b), k
+    with pytest.raises(FileNotFoundError, match="dropout"):
+        cmp.export_models(out, tmp_path, seed=0, methods=("dropout",))

@@ -34,7 +34,7 @@ def test_prior_geometry_and_tissue_fractions():
     np.testing.assert_allclose(prior.spacing, [2.0, 2.0, 2.0])
     assert prior.affine[0, 0] > 0 and prior.affine[1, 1] > 0 and prior.affine[2, 2] > 0  # RAS
     brain = prior.brain
-    # ICBM152 skull-stripped brain incl. CSF is 1887 cm^3 at 1 mm (DATA_SPEC B0)
+    # ICBM152 skull-stripped brain incl. CSF is 1887 cm^3 at 1 mm
     assert 1800 < brain.sum() * 8 / 1000 < 1980
     # the brain is centred in the box and fits with a margin
     idx = np.argwhere(brain)
@@ -102,7 +102,7 @@ def cases96():
 
 
 def test_volumes_in_measured_ranges_at_96(cases96):
-    # DATA_SPEC B3 measured on the prototype (24 cases): WT 41-153, TC 3-43, ET 2-22 cm^3; real
+    # measured on the first prototype (24 cases): WT 41-153, TC 3-43, ET 2-22 cm^3; real
     # BraTS: oedema up to ~216, WT median ~80. The generator's 24-case spread at seed 7 is
     # WT 27-166, TC 7-48, ET 5-23; the bounds below leave room around both.
     for case in cases96:
@@ -135,8 +135,8 @@ def test_no_et_fraction_extremes_in_generated_cases():
         assert not case["has_et"] and case["volumes"]["TC"] > 0
 
 
-def test_modality_contrasts_follow_the_b1_table(cases96):
-    """Median intensity per tissue keeps the qualitative MRI facts of DATA_SPEC B1."""
+def test_modality_contrasts_follow_mri_facts(cases96):
+    """Median intensity per tissue keeps the qualitative MRI facts (docs/phantoms.md)."""
     gm, wm, csf = phantom.load_prior().probs
     for case in cases96:
         healthy = case["brain"] & (case["label"] == 0)
@@ -148,12 +148,168 @@ def test_modality_contrasts_follow_the_b1_table(cases96):
                 ("ed", case["label"] == 2), ("et", case["label"] == 4), ("core", case["label"] == 1))}
         assert med["t1"]["wm"] > 1.15 * med["t1"]["gm"] > 1.15 * med["t1"]["csf"]  # T1: WM > GM > CSF
         assert med["t2"]["csf"] > med["t2"]["gm"] > med["t2"]["wm"]  # T2: CSF brightest, GM > WM
-        assert med["t2"]["ed"] > 1.3 * med["t2"]["wm"]  # T2: oedema bright
+        assert med["t2"]["ed"] > 1.8 * med["t2"]["wm"]  # T2: oedema bright
         assert med["flair"]["csf"] < 0.6 * med["flair"]["wm"]  # FLAIR: free water nulled
-        assert med["flair"]["ed"] > 1.3 * med["flair"]["wm"]  # FLAIR: oedema bright
+        assert med["flair"]["ed"] > 1.5 * med["flair"]["wm"]  # FLAIR: oedema bright, the brightest tissue
+        assert med["flair"]["ed"] > med["flair"]["core"] > med["flair"]["wm"]  # necrosis not nulled
         assert med["flair"]["gm"] > med["flair"]["wm"]
-        assert med["t1ce"]["et"] > 1.15 * med["t1ce"]["wm"]  # enhancing rim bright after contrast
+        assert med["t1ce"]["et"] > 1.1 * med["t1ce"]["wm"]  # enhancing rim bright after contrast
+        assert med["t1ce"]["et"] > 2.0 * med["t1ce"]["ed"]
         assert med["t1ce"]["core"] < 0.75 * med["t1ce"]["et"]  # necrotic centre dark
+        # oedema and core hypo-intense on T1 and T1ce: oedema below grey matter, core below oedema
+        for mod in ("t1", "t1ce"):
+            assert med[mod]["ed"] < 0.92 * med[mod]["gm"] and med[mod]["core"] < 0.85 * med[mod]["ed"], mod
+
+
+# ------------------------------------------------------------------------------- the cues knob
+def _tissue_medians(case: dict, grid: int) -> dict[str, np.ndarray]:
+    """Median intensity per tissue and modality, divided by the white-matter median: name -> (4,)."""
+    gm, wm, csf = phantom.load_prior(grid).probs
+    lab, img = case["label"], case["image"].astype(float)
+    healthy = case["brain"] & (lab == 0)
+    masks = dict(gm=healthy & (gm > 0.7), csf=healthy & (csf > 0.7), ed=lab == 2, core=lab == 1, et=lab == 4)
+    ref = np.array([np.median(img[m][healthy & (wm > 0.7)]) for m in range(4)])
+    return {k: np.array([np.median(img[m][mask]) for m in range(4)]) / ref for k, mask in masks.items() if mask.any()}
+
+
+def test_cues_zero_is_generator_version_2():
+    """cues=0 gives version 2's tables and, for the same seed, version 2's image contrasts."""
+    table = phantom.signal_table(0.0)
+    for name, row in phantom.SIGNAL_V2.items():
+        np.testing.assert_array_equal(table[name], row)
+    np.testing.assert_array_equal(phantom.ed_border(0.0), phantom.ED_BORDER_V2)
+    for name, row in phantom.SIGNAL.items():
+        np.testing.assert_array_equal(phantom.signal_table(1.0)[name], row)
+    # tissue / white-matter medians (FLAIR, T1, T1ce, T2) of make_case(1, grid=48) measured with
+    # generator version 2 before the knob existed
+    v2 = dict(ed=[1.4668, 0.7772, 0.7731, 1.6600], core=[0.8870, 0.5016, 0.5254, 2.4900],
+              et=[1.2932, 0.7021, 1.1090, 1.8675])
+    med = _tissue_medians(phantom.make_case(1, grid=48, cues=0.0), 48)
+    for k, ref in v2.items():
+        np.testing.assert_allclose(med[k], ref, rtol=5e-3, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def cue_ladder():
+    """make_case(1, grid=48) at cues 0, 0.5, 1, 2: tissue medians / WM (and the labels)."""
+    cases = {c: phantom.make_case(1, grid=48, cues=c) for c in (0.0, 0.5, 1.0, 2.0)}
+    return {c: (_tissue_medians(case, 48), case["label"]) for c, case in cases.items()}
+
+
+def test_cues_grow_the_cross_modal_contrasts(cue_ladder):
+    fl, t1, t1ce, t2 = range(4)
+    med = {c: m for c, (m, _) in cue_ladder.items()}
+    cs = sorted(med)
+
+    def increasing(f):
+        values = [f(med[c]) for c in cs]
+        assert all(b > a for a, b in zip(values, values[1:])), values
+        return values
+
+    # oedema darker than white matter on T1 and T1ce, and darker than grey matter as cues grow
+    v = increasing(lambda m: 1 - m["ed"][t1])
+    assert v[0] < 0.3 and v[2] > 0.35
+    increasing(lambda m: 1 - m["ed"][t1ce])
+    increasing(lambda m: m["gm"][t1] - m["ed"][t1])
+    # necrotic core: darker on T1, brighter on FLAIR (not nulled like CSF)
+    increasing(lambda m: 1 - m["core"][t1])
+    increasing(lambda m: m["core"][fl])
+    # oedema brighter on T2 (relative to white matter): a sharper, fuller margin
+    increasing(lambda m: m["ed"][t2])
+    # what stays: the rim enhances on T1ce (at 4 mm partial volume with the core dims it), oedema
+    # is bright on FLAIR
+    for m in med.values():
+        assert m["et"][t1ce] > 1.3 * m["ed"][t1ce]
+        assert m["ed"][fl] > 1.3
+    # the labels do not depend on cues
+    labels = [lab for _, lab in cue_ladder.values()]
+    assert all(np.array_equal(labels[0], lab) for lab in labels[1:])
+
+
+def test_cues_extrapolate_within_range():
+    for cues in (0.0, 0.3, 1.0, 2.0, 5.0, 100.0):
+        table = phantom.signal_table(cues)
+        values = np.stack(list(table.values()))
+        assert values.min() >= 0.02 and values.max() <= 1.0
+        border = phantom.ed_border(cues)
+        assert np.all((border >= 0.05) & (border <= 1.0))
+    # between 0 and 1 the table interpolates linearly
+    half = phantom.signal_table(0.5)["ed"]
+    np.testing.assert_allclose(half, (np.array(phantom.SIGNAL_V2["ed"]) + phantom.SIGNAL["ed"]) / 2)
+    case = phantom.make_case(2, grid=32, cues=7.5)
+    assert np.all(case["image"][:, case["brain"]] > 0) and case["params"]["cues"] == 7.5
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="cues"):
+            phantom.make_case(0, grid=32, cues=bad)
+
+
+def test_cues_deterministic_and_distinct():
+    a = phantom.make_case(4, grid=32, cues=1.3)
+    b = phantom.make_case(4, grid=32, cues=1.3)
+    c = phantom.make_case(4, grid=32, cues=1.0)
+    np.testing.assert_array_equal(a["image"], b["image"])
+    assert not np.array_equal(a["image"], c["image"])
+    np.testing.assert_array_equal(a["label"], c["label"])
+    assert phantom.make_case(4, grid=32)["params"]["cues"] == 1.0  # the default
+
+
+# ------------------------------------------------------------------------------- BraTS space
+@pytest.fixture(scope="module")
+def brats_case():
+    return phantom.make_case(3, geometry="brats")
+
+
+def test_brats_geometry_case(brats_case, tmp_path):
+    """240 x 240 x 155 voxels of 1 mm, LPS (SRI24 space), the brain where a BraTS brain sits."""
+    import nibabel as nib
+
+    case = brats_case
+    assert case["image"].shape == (4, 240, 240, 155) and case["image"].dtype == np.int16
+    assert case["label"].shape == (240, 240, 155) and case["label"].dtype == np.uint8
+    expected = np.array([[-1, 0, 0, 0], [0, -1, 0, 239], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    np.testing.assert_array_equal(case["affine"], expected)
+    assert nib.aff2axcodes(case["affine"]) == ("L", "P", "S")
+    np.testing.assert_array_equal(case["spacing"], [1.0, 1.0, 1.0])
+    assert case["params"]["geometry"] == "brats" and case["params"]["grid"] == [240, 240, 155]
+    brain, label = case["brain"], case["label"]
+    assert np.all(case["image"][:, ~brain] == 0) and np.all(case["image"][:, brain] > 0)
+    # a BraTS-sized brain (about 1.2-1.5 litres incl. CSF), inside the volume with a margin, centred
+    # where BraTS brains are (bounding box of a real case: voxels 54-182, 51-212, 9-139)
+    assert 1200 < brain.sum() / 1000 < 1550
+    idx = np.argwhere(brain)
+    lo, hi = idx.min(0), idx.max(0)
+    assert np.all(lo >= 2) and np.all(hi <= np.array([237, 237, 152]))
+    np.testing.assert_allclose((lo + hi) / 2, phantom.BRATS_BRAIN_CENTRE_VOX, atol=4)
+    np.testing.assert_allclose(hi - lo + 1, [131, 162, 140], atol=6)
+    # orientation: the brain's centre of mass lies posterior of its box centre (cerebellum,
+    # occipital lobes) -- in LPS voxels that is a larger j; the tumour sits where params say (mm)
+    assert idx[:, 1].mean() > (lo[1] + hi[1]) / 2 + 2
+    tumour_mm = case["affine"][:3, :3] @ np.argwhere(np.isin(label, (1, 4))).mean(0) + case["affine"][:3, 3]
+    np.testing.assert_allclose(tumour_mm, case["params"]["centre_mm"], atol=8)
+    # labels: BraTS 2018 values, nested, inside the brain, sizes in mm (1 mm^3 voxels)
+    assert set(np.unique(label)) <= {0, 1, 2, 4} and not np.any(label[~brain])
+    reg = regions_of(label)
+    assert np.all(reg["ET"] <= reg["TC"]) and np.all(reg["TC"] <= reg["WT"])
+    for r in REGIONS:
+        assert case["volumes"][r] == pytest.approx(reg[r].sum() / 1000.0)
+    assert 20 < case["volumes"]["WT"] < 250 and case["volumes"]["TC"] > 3
+    # written with the LPS affine, read back unchanged
+    folder = phantom.write_case(case, tmp_path, "BraTS_like")
+    img = nib.load(str(folder / "BraTS_like_t1ce.nii.gz"))
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S") and img.shape == (240, 240, 155)
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), case["image"][2])
+    with pytest.raises(ValueError, match="grid"):
+        phantom.make_case(0, grid=32, geometry="brats")
+    with pytest.raises(ValueError, match="geometry"):
+        phantom.make_case(0, geometry="talairach")
+
+
+def test_brats_geometry_matches_the_mni_case_in_mm(brats_case):
+    """The same seed draws the same tumour parameters (mm) on both geometries."""
+    mni = phantom.make_case(3)
+    for k in ("R_tc", "R_ncr", "R_wt", "n_vessels", "n_plexus"):
+        assert brats_case["params"][k] == mni["params"][k]
+    assert brats_case["lgg_like"] == mni["lgg_like"]
 
 
 def test_difficulty_knobs():
@@ -267,6 +423,28 @@ def test_generate_manifest_skip_and_regenerate(tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["PhantomBraTS_000", "PhantomBraTS_001"]
 
 
+def test_generate_and_cache_keyed_by_cues(tmp_path):
+    out = tmp_path / "set"
+    phantom.generate(out, 2, seed=4, grid=32, progress=False)
+    manifest = json.loads((out / phantom.MANIFEST).read_text())
+    assert manifest["params"]["cues"] == 1.0
+    f = out / "PhantomBraTS_000" / "PhantomBraTS_000_t1.nii.gz"
+    before = f.read_bytes()
+    phantom.generate(out, 2, seed=4, grid=32, progress=False, cues=0.5)  # another cues value: redone
+    assert json.loads((out / phantom.MANIFEST).read_text())["params"]["cues"] == 0.5
+    assert f.read_bytes() != before
+    direct = phantom.write_case(phantom.make_case(phantom.case_seed(4, 0), grid=32, cues=0.5), tmp_path / "d",
+                                "PhantomBraTS_000")
+    assert (direct / f.name).read_bytes() == f.read_bytes()
+    # the cache folder name carries the cues value: different values never share a folder
+    roots = {c: phantom.ensure_phantoms(1, seed=1, grid=32, cache_dir=tmp_path / "cache", progress=False, cues=c)
+             for c in (0.0, 1.0, 2.5)}
+    assert len(set(roots.values())) == 3
+    assert "_c0_" in roots[0.0].name and "_c1_" in roots[1.0].name and "_c2.5_" in roots[2.5].name
+    assert f"_v{phantom.GENERATOR_VERSION}_" in roots[1.0].name
+    assert phantom.cues_tag(1) == phantom.cues_tag(1.0) == "c1"
+
+
 def test_ensure_phantoms_uses_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LCKD_KIT_CACHE", str(tmp_path / "cache"))
     assert phantom.default_cache_dir() == tmp_path / "cache"
@@ -286,7 +464,7 @@ def test_bundled_demo_cases():
 
 
 def test_generated_cases_load_through_data_module(tmp_path):
-    data = pytest.importorskip("lckd_kit.data")
+    from lckd_kit import data
     phantom.generate(tmp_path, 2, seed=3, grid=32, progress=False)
     cases = data.find_cases(tmp_path)
     assert [c.name for c in cases] == ["PhantomBraTS_000", "PhantomBraTS_001"]
@@ -379,7 +557,8 @@ def test_dice_curve_matches_direct_count():
 
 @pytest.mark.slow
 def test_single_modality_ranking():
-    """DATA_SPEC B2: T1ce is the best single modality for ET and TC, FLAIR for WT, T1 the weakest.
+    """T1ce is the best single modality for ET and TC, FLAIR for WT (as on real scans), and every
+    other modality still reveals part of each region (the cues).
 
     32 cases at 64^3 (3 mm): the probe is trained on 16 and scored on the other 16.
     """
@@ -390,6 +569,6 @@ def test_single_modality_ranking():
         for mod in MODALITIES:
             if mod != best:
                 assert dice[best, region] > dice[mod, region] + margin, f"{region}: {best} vs {mod}\n{table}"
-    mean = {m: np.mean([dice[m, r] for r in REGIONS]) for m in MODALITIES}
-    assert min(mean, key=mean.get) == "t1", table
-    assert dice["t1ce", "ET"] > 0.5 and dice["t1ce", "TC"] > 0.4 and dice["flair", "WT"] > 0.4, table
+    assert dice["t1ce", "ET"] > 0.5 and dice["t1ce", "TC"] > 0.6 and dice["flair", "WT"] > 0.7, table
+    for mod in ("flair", "t1", "t2"):
+        assert dice[mod, "ET"] > 0.2 and dice[mod, "TC"] > 0.4 and dice[mod, "WT"] > 0.5, table

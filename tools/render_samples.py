@@ -9,6 +9,7 @@ anterior at the top).
 Usage::
 
     python tools/render_samples.py                          # 2 demo cases + one low-grade-like case
+    python tools/render_samples.py --cues 0 --out /tmp/v2.png   # the low-grade-like case at another cues
     python tools/render_samples.py --case DIR --case DIR    # any BraTS 2018-2021-style case folders
     python tools/render_samples.py --out docs/phantom_samples.png
 """
@@ -46,8 +47,8 @@ def read_case_folder(folder: Path) -> dict:
     return dict(name=name, image=image, label=label)
 
 
-def case_from_generator(seed: int, name: str) -> dict:
-    case = phantom.make_case(seed)
+def case_from_generator(seed: int, name: str, cues: float = 1.0) -> dict:
+    case = phantom.make_case(seed, cues=cues)
     return dict(name=name, image=case["image"].astype(np.float32), label=case["label"])
 
 
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", action="append", type=Path, default=None, help="case folder (repeatable)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "phantom_samples.png")
+    parser.add_argument("--cues", type=float, default=1.0, help="cues of the generated low-grade-like case")
     args = parser.parse_args(argv)
     if args.case:
         cases = [read_case_folder(p) for p in args.case]
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         demo = sorted(phantom.data_samples_dir().glob("PhantomBraTS_demo_*"))
         cases = [read_case_folder(p) for p in demo[:2]]
         seed = first_lgg_seed()
-        cases.append(case_from_generator(seed, f"make_case({seed})"))
+        label = f"make_case({seed})" if args.cues == 1.0 else f"make_case({seed}, cues={args.cues:g})"
+        cases.append(case_from_generator(seed, label, args.cues))
     render(cases, args.out)
     print(f"wrote {args.out}")
     return 0
