@@ -70,9 +70,12 @@ def main(argv=None) -> int:
         native = native[..., z0:z0 + args.slab]
         scale = shape[2] / args.slab
 
+    def kit():
+        pred = predict_volume(model, case, SUBSETS)
+        return [pred[i] for i in range(len(SUBSETS))]  # every subset mapped back onto the case's grid
+
     variants = {
-        "kit (resampled to the model, shared encoding)": lambda: [predict_volume(model, case, SUBSETS)[i]
-                                                                  for i in range(len(SUBSETS))],
+        "kit (resampled to the model, shared encoding)": kit,
         "native grid, shared encoding": lambda: predict_subsets(model, native, SUBSETS),
         "native grid, per subset": lambda: per_subset_reference(model, native, SUBSETS),
     }

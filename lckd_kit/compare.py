@@ -584,6 +584,26 @@ def ranking_table(res: CompareResults) -> str:
     return "\n".join(lines)
 
 
+def summary_markdown(res: CompareResults) -> str:
+    """One row per method: parameters and each summary (:data:`SUMMARIES`) with its 95 % interval."""
+    head = ["method", "parameters"] + [v[0] for v in SUMMARIES.values()]
+    lines = ["| " + " | ".join(head) + " |", "|---|--:|" + "--:|" * len(SUMMARIES)]
+    for m in res.methods:
+        cells = [label(m), f"{res.meta.get('params', {}).get(m, 0):,}"] + [_cell(res.summary(m, k)) for k in SUMMARIES]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def differences_markdown(res: CompareResults) -> str:
+    """Each method minus the reference method (LCKD), paired by seed and case, with 95 % intervals."""
+    ref = res.reference
+    lines = ["| method − " + label(ref) + " | " + " | ".join(v[0] for v in SUMMARIES.values()) + " |",
+             "|---|" + "--:|" * len(SUMMARIES)]
+    lines += [f"| {label(m)} | " + " | ".join(_cell(res.difference(m, k), diff=True) for k in SUMMARIES) + " |"
+              for m in res.methods if m != ref]
+    return "\n".join(lines)
+
+
 def write_compare_report(res: CompareResults, out_dir: str | os.PathLike) -> Path:
     """Write ``report.md``, ``report.html`` and ``figures/`` for a comparison; return report.md."""
     from lckd_kit import calibration, viz
@@ -611,26 +631,14 @@ def write_compare_report(res: CompareResults, out_dir: str | os.PathLike) -> Pat
                  "mechanisms at work under equal conditions; it is not a reproduction of any paper's BraTS results.")
 
     rep.add("h2", "Summary")
-    head = ["method", "parameters"] + [v[0] for v in SUMMARIES.values()]
-    lines = ["| " + " | ".join(head) + " |", "|---|--:|" + "--:|" * len(SUMMARIES)]
-    for m in res.methods:
-        cells = [label(m), f"{res.meta.get('params', {}).get(m, 0):,}"]
-        cells += [_cell(res.summary(m, k)) for k in SUMMARIES]
-        lines.append("| " + " | ".join(cells) + " |")
-    rep.add("table", "\n".join(lines))
+    rep.add("table", summary_markdown(res))
     rep.add("p", "Mean Dice with its 95 % bootstrap interval. Core without T1ce: ET and TC over the 7 subsets that "
                  "lack T1ce; WT without FLAIR: the 7 subsets that lack FLAIR; all four: the full set only.")
     rep.figures(("summary_bars.png", res.summary_figure(), "Summary per method, with 95 % intervals"))
 
     if len(res.methods) > 1:
         rep.add("h2", f"Paired differences against {label(ref)}")
-        lines = ["| method − " + label(ref) + " | " + " | ".join(v[0] for v in SUMMARIES.values()) + " |",
-                 "|---|" + "--:|" * len(SUMMARIES)]
-        for m in res.methods:
-            if m != ref:
-                lines.append(f"| {label(m)} | " + " | ".join(_cell(res.difference(m, k), diff=True) for k in SUMMARIES)
-                             + " |")
-        rep.add("table", "\n".join(lines))
+        rep.add("table", differences_markdown(res))
         rep.add("ul", [stats.describe(res.difference(m, "core_no_t1ce"), "Core (ET, TC) without T1ce",
                                       (label(m), label(ref))) for m in res.methods if m != ref])
         rep.figures(("differences.png", res.difference_figure(), f"Paired differences to {label(ref)}"))
@@ -715,4 +723,5 @@ def run(args) -> int:
 
 __all__ = ["compare", "load_results", "CompareResults", "method_train_config", "write_compare_report",
            "what_the_numbers_show", "ranking_table", "rerun_command", "add_arguments", "run", "method_list", "DEFAULT_METHODS", "LABELS",
-           "METHOD_COLORS", "PUBLISHED", "SUMMARIES", "RESULTS_FORMAT", "REFERENCE_RESULTS", "export_models"]
+           "METHOD_COLORS", "PUBLISHED", "SUMMARIES", "RESULTS_FORMAT", "REFERENCE_RESULTS", "export_models", "summary_markdown",
+           "differences_markdown"]

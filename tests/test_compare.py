@@ -258,3 +258,14 @@ def test_export_models_writes_slim_loadable_checkpoints(run, tmp_path):
             assert torch.equal(a, b), k
     with pytest.raises(FileNotFoundError, match="dropout"):
         cmp.export_models(out, tmp_path, seed=0, methods=("dropout",))
+
+
+def test_the_methods_page_states_what_the_committed_comparison_says():
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    res = cmp.load_results()
+    assert cmp.summary_markdown(res) in page and cmp.differences_markdown(res) in page
+    assert cmp.ranking_table(res) in page
+    assert all(line in page for line in cmp.what_the_numbers_show(res))
+    assert len(res.seeds) >= 3 and res.methods == list(cmp.DEFAULT_METHODS)

@@ -565,7 +565,9 @@ def test_single_modality_ranking():
     cases = [phantom.make_case(phantom.case_seed(100, i), grid=64) for i in range(32)]
     dice = probe_dice_table(cases, n_train=16)
     table = "\n".join(f"{mod:>6} " + " ".join(f"{dice[mod, r]:.2f}" for r in REGIONS) for mod in MODALITIES)
-    for region, best, margin in (("ET", "t1ce", 0.15), ("TC", "t1ce", 0.05), ("WT", "flair", 0.05)):
+    # the calibrated T1 shows the dark core nearly as well as T1ce does (docs/phantoms.md): a smaller
+    # margin for TC; the shipped model, trained on these phantoms, still elects T1ce for it
+    for region, best, margin in (("ET", "t1ce", 0.15), ("TC", "t1ce", 0.03), ("WT", "flair", 0.05)):
         for mod in MODALITIES:
             if mod != best:
                 assert dice[best, region] > dice[mod, region] + margin, f"{region}: {best} vs {mod}\n{table}"

@@ -3,6 +3,7 @@ and the committed results are complete and readable."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,3 +72,9 @@ def test_committed_results_cover_the_design():
         assert len(seeds) >= 3 and a.shape == b.shape and a.shape[1] >= 6
     assert {r["kd_weight"] for r in res["runs"] if r["kind"] == "lckd"} >= {0.1, 1.0}
     assert res["command"].startswith("python -m lckd_kit.sweep")
+
+
+def test_the_page_states_what_the_committed_results_say():
+    # every number on docs/when_distillation_helps.md is generated from the committed results
+    page = (Path(__file__).resolve().parents[1] / "docs" / "when_distillation_helps.md").read_text()
+    assert sweep.report_markdown(sweep.load_sweep()) in page
