@@ -103,7 +103,8 @@ def test_notebook_first_cell_installs_the_kit_outside_a_checkout(clone, tmp_path
     call = (f"{indent}import shlex, subprocess\n{indent}subprocess.run([{sys.executable!r}, '-m', 'pip', '--python', "
             f"sys.executable, 'install', '--no-build-isolation'] + shlex.split(f{args!r}), check=True)")
     script = setup.replace(pip_line, call) + "\nimport lckd_kit\nprint(lckd_kit.__file__)\n"
-    env = {"LCKD_KIT_REPO": f"file://{clone}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    # file://localhost/...: pip 23 refuses a git+file:/// requirement ("looks like a path"), not this form
+    env = {"LCKD_KIT_REPO": f"file://localhost{clone}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     run = subprocess.run([str(py), "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "site-packages" in run.stdout.strip().splitlines()[-1]
