@@ -21,7 +21,7 @@ summed over ranks before dividing, so every rank gets the same scores and teache
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np

@@ -26,7 +26,7 @@ from lckd_kit import MODALITIES, REGIONS, SUBSETS, as_mask, subset_name
 from lckd_kit.data import as_case
 from lckd_kit.inference import default_roi, model_config, predict_volume
 from lckd_kit.metrics import (HD95_FLAVOUR, METRIC_CONVENTIONS, as_spacing, check_convention, missing_penalty,
-                              nest_regions, postprocess_et, score_regions)
+                              postprocess_et, score_regions)
 
 EVAL_FORMAT = "lckd_kit.eval/1"
 

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lckd_kit import REGIONS, SUBSETS
+from lckd_kit import REGIONS
 from lckd_kit import stats
 
 SWEEP_FORMAT = "lckd_kit.sweep/1"
