@@ -393,7 +393,14 @@ def train_shipped_checkpoint(
         + ", ".join(f"{r} {v:.3f}" for r, v in zip(REGIONS, full)) + ".", "",
         markdown_subset_table(dice, ev.hd95_table(), title="Dice (and HD95, mm) for every subset of modalities"), "",
         f"Per-case scores: `{out.stem}_eval.json`. Synthetic phantoms, not patients; not for clinical use.", ""])
-    (out.parent / "README.md").write_text(readme)
+    # the section on a real scan is measured by hand (real scans cannot ship): a retraining keeps it,
+    # marked as measured on earlier weights until someone measures again
+    old = out.parent / "README.md"
+    section = old.read_text().partition("\n## On a real scan\n")[2] if old.is_file() else ""
+    if section:
+        stale = "> Measured on earlier weights of this file; rerun the command below to update it.\n\n"
+        readme += "\n## On a real scan\n\n" + (section if section.lstrip().startswith(stale.strip()) else stale + section.lstrip())
+    old.write_text(readme)
     if progress:
         print(f"[shipped checkpoint] {out} ({_fmt_s(total)}); all-modality Dice "
               + ", ".join(f"{r} {v:.3f}" for r, v in zip(REGIONS, full)))

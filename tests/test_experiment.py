@@ -181,3 +181,15 @@ def test_report_command_reruns_the_same_experiment():
     assert py.startswith('python -c "from lckd_kit.experiment import run_experiment; run_experiment(')
     assert "'stage1_steps': 1500" in py and "seeds=(0, 1, 2)" in py
     assert "grid=32" in rerun_command(out, "small2d", [0], 24, 6, 32, None)
+
+
+def test_retraining_keeps_the_hand_measured_real_scan_section(tmp_path, cache):
+    out = tmp_path / "lckd_tiny.pt"
+    (tmp_path / "README.md").write_text("# old\n\nold table\n\n## On a real scan\n\n| a | b |\n|--|--|\n| 1 | 2 |\n")
+    kw = dict(config="tiny", grid=32, n_cases=4, n_test=2, device="cpu", progress=False, cache_dir=cache)
+    for _ in range(2):
+        train_shipped_checkpoint(out=out, **kw)
+    text = (tmp_path / "README.md").read_text()
+    assert "old table" not in text and text.startswith("# Shipped checkpoint")
+    assert text.count("## On a real scan") == 1 and text.count("Measured on earlier weights") == 1
+    assert text.rstrip().endswith("| 1 | 2 |")
