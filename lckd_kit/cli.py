@@ -245,8 +245,10 @@ def _refuse_inputs(out: Path, inputs: list[Path], force: bool, what: str = "the 
 def _device(name: str | None):
     import torch
 
+    from lckd_kit.runtime import resolve_device
+
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_device(name)
     device = torch.device(name)
     if device.type == "cuda":
         if torch.version.cuda is None:

@@ -38,6 +38,7 @@ import numpy as np
 
 from lckd_kit import REGIONS, SUBSETS, subset_name
 from lckd_kit import stats
+from lckd_kit.runtime import format_seconds, resolve_device
 
 RESULTS_FORMAT = "lckd_kit.compare/1"
 
@@ -289,18 +290,6 @@ def export_models(out_dir: str | os.PathLike, dest: str | os.PathLike, seed: int
 # running the comparison
 
 
-def _device(device):
-    import torch
-
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _fmt_s(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
 def rerun_command(out: Path, methods, seeds, config, n_cases, n_test, grid, train_overrides) -> str:
     """The CLI line that reruns a comparison when its options cover the call, else a Python call."""
     from lckd_kit.experiment import DEMO_GRID, DEMO_N_CASES, DEMO_N_TEST
@@ -388,7 +377,7 @@ def compare(
     n_cases = DEMO_N_CASES if n_cases is None else int(n_cases)
     n_test = DEMO_N_TEST if n_test is None else int(n_test)
     grid = DEMO_GRID if grid is None else int(grid)
-    device = _device(device)
+    device = resolve_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfgs = {m: method_train_config(m, config, 0, train_overrides) for m in methods}  # fails early on a bad config
@@ -401,7 +390,7 @@ def compare(
     test_cases = load_eval_cases(test_dir)
     names = [c["name"] for c in test_cases]
     phantom_s = time.perf_counter() - t
-    say(f"[compare] phantoms ready: {n_cases} training+validation cases, {len(test_cases)} held-out ({_fmt_s(phantom_s)})")
+    say(f"[compare] phantoms ready: {n_cases} training+validation cases, {len(test_cases)} held-out ({format_seconds(phantom_s)})")
 
     meta = {"command": command, "machine": machine_info(device),
             "config": {"schedule": config if isinstance(config, str) else "custom",
@@ -463,7 +452,7 @@ def compare(
             if teachers:
                 meta["teachers"][m][str(seed)] = teachers
             say(f"[compare] {label(m)} seed {seed}: mean Dice over 15 subsets {np.nanmean(dice[m][seed]):.3f} "
-                f"(train {_fmt_s(train_s)}, evaluate {_fmt_s(eval_s)})")
+                f"(train {format_seconds(train_s)}, evaluate {format_seconds(eval_s)})")
             meta["wall_s"] = round(time.perf_counter() - t_start, 1)
             meta["cpu_s"] = round(time.process_time() - cpu_start, 1)
             meta["threads"] = torch.get_num_threads()
@@ -472,7 +461,7 @@ def compare(
     res = write_results()
     report = write_compare_report(res, out)
     say(f"[compare] report: {report} and {report.with_suffix('.html')}; scores: {out / 'results.json'} "
-        f"(total {_fmt_s(time.perf_counter() - t_start)})")
+        f"(total {format_seconds(time.perf_counter() - t_start)})")
     return report
 
 
@@ -513,14 +502,14 @@ def _setup_bullets(res: CompareResults) -> list[str]:
     timing = meta.get("timing", {})
     if timing:
         out.append("Training / evaluation time per run: " + "; ".join(
-            f"{label(m)} " + ", ".join(f"{_fmt_s(t['train_s'])} / {_fmt_s(t['eval_s'])}" for t in timing[m].values())
+            f"{label(m)} " + ", ".join(f"{format_seconds(t['train_s'])} / {format_seconds(t['eval_s'])}" for t in timing[m].values())
             for m in res.methods if timing.get(m)) + ".")
     if meta.get("machine"):
         out.append(f"Machine: {meta['machine']}.")
     if meta.get("wall_s"):
         cpu = meta.get("cpu_s", 0.0)
-        out.append(f"Wall time: {_fmt_s(meta['wall_s'])} in all (phantoms {_fmt_s(meta.get('phantoms_s', 0))}); CPU time "
-                   f"of this process {_fmt_s(cpu)}, {cpu / max(meta['wall_s'], 1e-9):.1f}× the wall time with "
+        out.append(f"Wall time: {format_seconds(meta['wall_s'])} in all (phantoms {format_seconds(meta.get('phantoms_s', 0))}); CPU time "
+                   f"of this process {format_seconds(cpu)}, {cpu / max(meta['wall_s'], 1e-9):.1f}× the wall time with "
                    f"{meta.get('threads', '?')} torch thread(s).")
     return out
 

@@ -39,6 +39,7 @@ from lckd_kit.inference import predict_subsets
 from lckd_kit.metrics import nest_regions
 from lckd_kit.paths import default_cache_dir, shipped_checkpoint, source_checkout
 from lckd_kit.report import NO_T1CE, ExperimentSummary, RunSummary, write_report
+from lckd_kit.runtime import format_seconds, resolve_device
 
 #: training + validation phantoms of the demo, the shipped checkpoint and the notebooks
 TRAIN_SEED, DEMO_N_CASES = 0, 24
@@ -120,16 +121,6 @@ def machine_info(device: torch.device) -> str:
             f"threads, MONAI {monai.__version__}, Python {platform.python_version()}, device {device}{gpu}{load}")
 
 
-def _device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _fmt_s(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
 def _examples(model, case: dict, device) -> dict:
     """The model's nested regions of the example case with all modalities and without T1ce."""
     prob = predict_subsets(model, case["image"], [ALL_PRESENT, NO_T1CE], device=device)
@@ -157,8 +148,8 @@ def _setup_bullets(cfg, n_cases, grid: int, test_cases, hd95: bool, machine: str
         + (", HD95 (MONAI, mm)" if hd95 else " (HD95 off: `hd95=True` adds it)")
         + "; empty-region convention `brats2018`; all 15 subsets decoded from one encoding per window.",
         f"Machine: {machine}.",
-        f"Wall time: {_fmt_s(total)} in all — " + ", ".join(f"{k} {_fmt_s(v)}" for k, v in phases.items())
-        + f". CPU time of this process: {_fmt_s(cpu_seconds)} (CPU time / wall time ≈ {cpu_seconds / max(total, 1e-9):.1f}"
+        f"Wall time: {format_seconds(total)} in all — " + ", ".join(f"{k} {format_seconds(v)}" for k, v in phases.items())
+        + f". CPU time of this process: {format_seconds(cpu_seconds)} (CPU time / wall time ≈ {cpu_seconds / max(total, 1e-9):.1f}"
         f" of {torch.get_num_threads()} threads: much less means other processes took the CPUs).",
     ]
 
@@ -224,7 +215,7 @@ def run_experiment(
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
     say = print if progress else (lambda *a, **k: None)
-    device = _device(device)
+    device = resolve_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(seeds)] if isinstance(seeds, int) else [int(s) for s in seeds]
@@ -240,7 +231,7 @@ def run_experiment(
     example = example_case(test_cases)
     phases["phantoms"] = time.perf_counter() - t
     say(f"[experiment] phantoms ready: {n_cases} training+validation cases in {train_dir}, {len(test_cases)} "
-        f"held-out cases in {test_dir} ({_fmt_s(phases['phantoms'])})")
+        f"held-out cases in {test_dir} ({format_seconds(phases['phantoms'])})")
 
     def summarise(model, label, seed, history, elections, run_dir: Path | None) -> RunSummary:
         t = time.perf_counter()
@@ -249,7 +240,7 @@ def run_experiment(
         ev.save((run_dir or out) / "eval", title=f"{label}, seed {seed}: {len(test_cases)} held-out cases")
         phases[f"evaluate {label} seed {seed}"] = time.perf_counter() - t
         say(f"[experiment] {label} seed {seed}: mean Dice over 15 subsets {np.nanmean(ev.dice_table()):.3f} "
-            f"(evaluate {_fmt_s(phases[f'evaluate {label} seed {seed}'])})")
+            f"(evaluate {format_seconds(phases[f'evaluate {label} seed {seed}'])})")
         return RunSummary(label, seed, ev, history, [e.to_record() for e in elections],
                           _examples(model, example, device))
 
@@ -273,7 +264,7 @@ def run_experiment(
         summary.setup = _setup_bullets(cfg, made.get("data", {}).get("n_cases", "?"), grid, test_cases, hd95,
                                        machine_info(device), phases, time.perf_counter() - t_start,
                                        time.process_time() - cpu_start, baseline=False) + [
-            f"Checkpoint: `{path}`" + (f", made by `{made.get('command')}` in {_fmt_s(made['wall_time_s'])}"
+            f"Checkpoint: `{path}`" + (f", made by `{made.get('command')}` in {format_seconds(made['wall_time_s'])}"
                                        if made.get("wall_time_s") else "") + "."]
         report = write_report(summary, out)
         say(f"[experiment] report: {report} and {report.with_suffix('.html')}")
@@ -301,7 +292,7 @@ def run_experiment(
         f"Run folders (config.json, history.jsonl, checkpoints, eval/): `{(out / 'runs').as_posix()}`."]
     report = write_report(summary, out)
     say(f"[experiment] report: {report} and {report.with_suffix('.html')} "
-        f"(total {_fmt_s(time.perf_counter() - t_start)})")
+        f"(total {format_seconds(time.perf_counter() - t_start)})")
     return report
 
 
@@ -352,7 +343,7 @@ def train_shipped_checkpoint(
         out = root / "checkpoints" / "lckd_small_phantom.pt"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    device = _device(device)
+    device = resolve_device(device)
     if train_overrides is None and config == "small2d":
         train_overrides = SHIPPED_TRAIN_OVERRIDES
     cfg = get_train_config(config, **{**(train_overrides or {}), "seed": seed, "no_kd": False})
@@ -387,7 +378,7 @@ def train_shipped_checkpoint(
         f"Final teachers: {teachers}. A slim checkpoint (weights, configs, elections, history; no optimizer): "
         "load it with `lckd_kit.checkpoint.load_model(path)`.", "",
         "Made by:", "", "```", command, "```", "",
-        f"Wall time: training {_fmt_s(train_s)}, with the evaluation {_fmt_s(total)}, on "
+        f"Wall time: training {format_seconds(train_s)}, with the evaluation {format_seconds(total)}, on "
         f"{machine_info(device)}.", "",
         f"All four modalities, mean Dice on {len(ev.cases)} held-out phantoms (seed {TEST_SEED}): "
         + ", ".join(f"{r} {v:.3f}" for r, v in zip(REGIONS, full)) + ".", "",
@@ -402,7 +393,7 @@ def train_shipped_checkpoint(
         readme += "\n## On a real scan\n\n" + (section if section.lstrip().startswith(stale.strip()) else stale + section.lstrip())
     old.write_text(readme)
     if progress:
-        print(f"[shipped checkpoint] {out} ({_fmt_s(total)}); all-modality Dice "
+        print(f"[shipped checkpoint] {out} ({format_seconds(total)}); all-modality Dice "
               + ", ".join(f"{r} {v:.3f}" for r, v in zip(REGIONS, full)))
     return out
 
@@ -460,7 +451,7 @@ def notebook_setup(config: str = "auto", seed: int = 0, n_phantoms: int = DEMO_N
     from lckd_kit.phantom import ensure_phantoms
     from lckd_kit.train import get_train_config
 
-    dev = _device(device)
+    dev = resolve_device(device)
     if config == "auto":
         config = "small" if dev.type == "cuda" else "small2d"
     if fast:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 
-__all__ = ["allowed_cores", "free_cores", "parse_threads", "set_threads"]
+__all__ = ["allowed_cores", "free_cores", "parse_threads", "set_threads", "resolve_device", "format_seconds"]
 
 
 def allowed_cores() -> list[int]:
@@ -99,3 +99,17 @@ def set_threads(spec="auto", interval: float = 0.3) -> tuple[int, str]:
     torch.set_num_threads(n)
     share = f", shared by {local} processes" if local > 1 else ""
     return n, f"{n} torch thread{'s' if n > 1 else ''}: {free} of {total} cores free{share} (--threads N to choose)"
+
+
+def resolve_device(device=None):
+    """``None`` or ``"auto"``: CUDA when available, else the CPU; anything else as ``torch.device``."""
+    import torch  # here, not at the top: the CLI checks its arguments before torch is imported
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration for a progress line or a report: ``"42 s"``, or ``"3.5 min"`` from 90 s on."""
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"

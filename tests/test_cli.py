@@ -177,3 +177,14 @@ def test_samples_geometry_with_the_real_generator(tmp_path, capsys):
         assert rc == 0 and len(list((tmp_path / "s").iterdir())) >= 1, err
     else:
         assert rc == 2 and err.startswith("lckd-kit samples: error: --geometry:") and err.count("\n") == 1
+
+
+def test_runtime_device_and_duration_helpers():
+    import torch
+
+    from lckd_kit.runtime import format_seconds, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None) == resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert (format_seconds(42.4), format_seconds(89), format_seconds(90), format_seconds(210)) == \
+        ("42 s", "89 s", "1.5 min", "3.5 min")
