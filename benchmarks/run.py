@@ -30,7 +30,7 @@ cpu      the CPU configurations (small, small2d) at their TRAIN_CONFIGS crop/bat
 kernels  (CPU) one training step with oneDNN's verbose log: time in the convolution kernels (and
          their FLOP rate), in oneDNN's layout conversions (reorders), and in everything else.
 alloc    (CPU) the training step with glibc's default malloc vs freed memory retained
-         (``cli.retain_freed_memory``, what the lckd-kit CLI does), each measured in a fresh process:
+         (``runtime.retain_freed_memory``, what the lckd-kit CLI does), each measured in a fresh process:
          time, page faults per step, peak RSS.
 profile  torch.profiler of the small configs' step (self time by op category, top ops), the cost of
          weight standardisation, and drop-in what-ifs timed against the stock step (torch's own
@@ -380,7 +380,7 @@ def bench_train(cfg: str, batch: int, spatial, device, repeats: int, mem: Memory
 
 def bench_alloc(cfg: str, batch: int, spatial, device, repeats: int, sgd: bool = True) -> dict:
     """The kit's all-modality training step with glibc's default malloc vs freed memory kept for
-    reuse (``cli.retain_freed_memory``, what the lckd-kit CLI does). malloc's state is per process
+    reuse (``runtime.retain_freed_memory``, what the lckd-kit CLI does). malloc's state is per process
     and sticky (a grown heap, glibc's adaptive mmap threshold), so every measurement is a fresh
     process: ``repeats`` pairs, alternating order, each running 3 warm-up + 5 timed steps."""
     shape = f"{batch}x4x" + "x".join(map(str, spatial))
@@ -414,7 +414,7 @@ def _alloc_child_run(cfg, batch, spatial, retained: bool, sgd: bool) -> dict | N
     import subprocess
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import run; "
             f"run._alloc_child({cfg!r}, {batch}, {tuple(spatial)!r}, {retained}, {sgd}, {torch.get_num_threads()})")
-    from lckd_kit.cli import user_tuned_malloc
+    from lckd_kit.runtime import user_tuned_malloc
 
     env = {k: v for k, v in os.environ.items() if not user_tuned_malloc({k: v})}  # glibc's defaults
     try:
@@ -435,7 +435,7 @@ def _libc():
 
 def _alloc_child(cfg, batch, spatial, retained, sgd, threads):
     """(subprocess) 3 warm-up + 5 timed training steps; prints one JSON line."""
-    from lckd_kit.cli import retain_freed_memory
+    from lckd_kit.runtime import retain_freed_memory
 
     torch.set_num_threads(threads)
     # default: no mallopt call at all (setting any value would switch off glibc's adaptive threshold)

@@ -22,13 +22,11 @@ fails at once. Outputs never overwrite inputs: ``predict``, ``evaluate`` and ``e
 an output inside the data (``--force`` to insist). Every command picks its torch thread count from
 the cores that are free (``--threads auto``, :mod:`lckd_kit.runtime`) and says so in one line.
 
-The CLI owns its process, so it also keeps freed memory for reuse (:func:`retain_freed_memory`).
+The CLI owns its process, so it also keeps freed memory for reuse (:func:`lckd_kit.runtime.retain_freed_memory`).
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
-import errno
 import math
 import os
 import re
@@ -39,39 +37,12 @@ import warnings
 from pathlib import Path
 
 from lckd_kit import as_mask, subset_name
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
-
-
-def retain_freed_memory() -> bool:
-    """Let this process reuse the memory it frees instead of handing it back to the OS (glibc only;
-    returns False, changing nothing, elsewhere).
-
-    glibc serves every allocation above its mmap threshold (adaptive, at most 32 MB) with fresh pages
-    from mmap and unmaps them on free, so every large activation (a paper-size stem map is 113 MB)
-    pays page faults and kernel zeroing again, step after step. With mmap and trimming off, freed
-    blocks are reused, which makes the paper config's CPU training step faster (benchmarks/run.py,
-    ``alloc`` section; docs/performance.md). The cost: the process keeps its peak
-    memory (and some fragmentation) until it exits, which is why the library never does this by
-    itself; the CLI does, for its own process. There is no undo: glibc's adaptive defaults cannot
-    be restored once set."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
-    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-
-
-def user_tuned_malloc(environ=os.environ) -> bool:
-    """Whether the environment already tunes glibc malloc (then the CLI leaves it alone)."""
-    return any(k.startswith("MALLOC_") for k in environ) or "malloc" in environ.get("GLIBC_TUNABLES", "")
+from lckd_kit.errors import CLIError, describe, expected, one_line
+from lckd_kit.runtime import retain_freed_memory, user_tuned_malloc
 
 
 # --------------------------------------------------------------------------------------------
-# errors: one line each
+# names checked before torch is imported; errors are one line each (lckd_kit.errors)
 
 
 #: ``train.TRAIN_CONFIGS``'s names, here so that a wrong ``--config`` is refused before torch is
@@ -83,66 +54,11 @@ CONVENTION_NAMES = ("brats2018", "brats2023", "brats2024gli", "msd")
 _NIFTI_NAME = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 
 
-class CLIError(Exception):
-    """A failure the user can fix: ``problem`` (starting with the file or option concerned) and
-    ``hint``, what to do."""
-
-    def __init__(self, problem: str, hint: str | None = None):
-        super().__init__(problem)
-        self.problem, self.hint = problem, hint
-
-    def __str__(self) -> str:
-        return self.problem + (f"; {self.hint}" if self.hint else "")
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors raised as :class:`CLIError` (one line) instead of printed with usage."""
 
     def error(self, message: str):
         raise CLIError(message, f"see `{self.prog} --help`")
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-_OS_HINTS = {
-    errno.ENOSPC: "free space on that disk, or write to another one",
-    errno.EDQUOT: "free space on that disk, or write to another one",
-    errno.EROFS: "choose a folder on a writable disk",
-    errno.EACCES: "choose a folder you can write to",
-    errno.EPERM: "choose a folder you can write to",
-    errno.ENOTDIR: "a file is in the way: choose another path",
-    errno.EEXIST: "a file is in the way: choose another path",
-    errno.EISDIR: "it is a folder: pass a file",
-    errno.ENOENT: "check the path",
-}
-
-
-def _describe(exc: BaseException, command: str) -> str:
-    """The one-line message of an exception: what, problem, what to do."""
-    if isinstance(exc, CLIError):
-        return _one_line(str(exc))
-    if isinstance(exc, OSError) and exc.strerror and exc.filename:
-        text = f"{exc.filename}: {exc.strerror}"
-        hint = _OS_HINTS.get(exc.errno or 0)
-        if hint and ";" not in exc.strerror:
-            text += f"; {hint}"
-        return _one_line(text)
-    text = _one_line(str(exc)) or type(exc).__name__
-    if isinstance(exc, MemoryError):
-        return f"out of memory ({text}); use a smaller --config, fewer cases (--max-cases) or a bigger machine"
-    if ";" not in text:
-        hint = "check the path" if isinstance(exc, FileNotFoundError) else \
-            f"rerun with --debug to see where it failed"
-        text += f"; {hint}"
-    return text
-
-
-def _expected(exc: BaseException) -> bool:
-    """Failures of the input, the disk or the run (exit 2), not bugs of the kit (exit 1)."""
-    from_kit = type(exc).__name__ in ("TrainingDiverged", "PeerFailed", "RunFolderBusy", "CheckpointError")
-    return isinstance(exc, (CLIError, ValueError, OSError, MemoryError)) or from_kit
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,7 +507,7 @@ def _showwarning(message, category, filename, lineno, file=None, line=None):
     # at import), so it stays in place and passes warnings on unchanged once main has returned.
     if not _warning_prefix:
         return _original_showwarning(message, category, filename, lineno, file, line)
-    text = f"{_warning_prefix[-1]}: warning: {_one_line(message)}"
+    text = f"{_warning_prefix[-1]}: warning: {one_line(message)}"
     try:
         from tqdm import tqdm
 
@@ -663,15 +579,15 @@ def main(argv: list[str] | None = None, tune_process: bool | None = None) -> int
             print(f"{prefix}: stopped by {signal.Signals(signum).name}: {path} holds step {step}; continue with: "
                   f"{_resume_command(words)}", file=sys.stderr)
         else:
-            print(f"{prefix}: interrupted{f' ({_one_line(exc)})' if str(exc) else ''}", file=sys.stderr)
+            print(f"{prefix}: interrupted{f' ({one_line(exc)})' if str(exc) else ''}", file=sys.stderr)
         return 128 + int(signum)
     except Exception as exc:  # one line, no traceback (unless --debug)
         if debug:
             traceback.print_exc()
-        if _expected(exc):
-            print(f"{prefix}: error: {_describe(exc, command)}", file=sys.stderr)
+        if expected(exc):
+            print(f"{prefix}: error: {describe(exc, command)}", file=sys.stderr)
             return 2
-        print(f"{prefix}: error: internal error ({type(exc).__name__}: {_one_line(exc)[:300]}); rerun with --debug "
+        print(f"{prefix}: error: internal error ({type(exc).__name__}: {one_line(exc)[:300]}); rerun with --debug "
               f"and report the traceback", file=sys.stderr)
         return 1
     finally:

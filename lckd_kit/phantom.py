@@ -27,15 +27,16 @@ Public API::
     paths = generate("out", n=20, seed=0)    # PhantomBraTS_000 ... _019 + a small manifest
     root = ensure_phantoms(20, seed=0)       # same, into a cache folder, generated once
 
+The file layout of a written case (names, label values per convention) and :func:`write_case` are
+:mod:`lckd_kit.phantom_files`, re-exported here.
+
 These are synthetic images. They are not patients and are not for clinical use.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -50,6 +51,8 @@ from .anatomy import (BASE_GRID, BRATS_AFFINE, BRATS_BRAIN_CENTRE_VOX, BRATS_SHA
 from .contrast import (DIFFICULTIES, ED_BORDER, ED_BORDER_V2, EFFACEMENT, LABEL_SLACK_MM, SIGNAL,  # noqa: F401
                        SIGNAL_V2, check_cues, ed_border, signal_table)
 from .paths import data_samples_dir, default_cache_dir  # noqa: F401  (part of this module's API)
+from .phantom_files import (LABEL_STYLES, MANIFEST, case_complete, case_file_names, check_label_style,  # noqa: F401
+                            cues_tag, write_case)
 
 __all__ = ["GENERATOR_VERSION", "LABEL_STYLES", "GEOMETRIES", "make_case", "write_case", "generate", "case_seed",
            "is_lgg_like", "case_file_names", "ensure_phantoms", "cues_tag",
@@ -64,12 +67,6 @@ GENERATOR_VERSION = 3
 
 #: Correlation length (Gaussian sigma, mm) of the within-tissue texture.
 TEXTURE_SIGMA_MM = 3.0
-
-#: label value of (NCR/NET, ED, ET) and the file suffixes per convention.
-LABEL_STYLES: dict[str, dict] = {
-    "brats2018": dict(labels=(1, 2, 4), sep="_", suffix=dict(flair="flair", t1="t1", t1ce="t1ce", t2="t2", seg="seg")),
-    "brats2023": dict(labels=(1, 2, 3), sep="-", suffix=dict(flair="t2f", t1="t1n", t1ce="t1c", t2="t2w", seg="seg")),
-}
 
 # internal tissue codes of the tumour map (0 = healthy / background)
 _ED, _NCR, _ET, _NET = 1, 2, 3, 4
@@ -300,11 +297,6 @@ def _labels_from_tissue(tissue: np.ndarray, label_style: str) -> np.ndarray:
     return lut[tissue]
 
 
-def _check_style(label_style: str) -> None:
-    if label_style not in LABEL_STYLES:
-        raise ValueError(f"label_style must be one of {sorted(LABEL_STYLES)}, got {label_style!r}")
-
-
 def make_case(seed: int, grid: int | Sequence[int] = 96, difficulty: str = "standard",
               no_et_fraction: float = 0.15, mass_effect: bool = True, label_style: str = "brats2018",
               cues: float = 1.0, geometry: str = "mni") -> dict:
@@ -338,7 +330,7 @@ def make_case(seed: int, grid: int | Sequence[int] = 96, difficulty: str = "stan
     """
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"difficulty must be one of {sorted(DIFFICULTIES)}, got {difficulty!r}")
-    _check_style(label_style)
+    check_label_style(label_style)
     cues = check_cues(cues)
     if geometry not in GEOMETRIES:
         raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
@@ -508,82 +500,11 @@ def _efface_sulci(pv: np.ndarray, inside: tuple, affine: np.ndarray, centre: np.
 
 
 # --------------------------------------------------------------------------------------------
-# writing
+# sets of cases (the file layout, write_case and the manifest's name: lckd_kit.phantom_files)
 # --------------------------------------------------------------------------------------------
-def _nifti_gz_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
-    """NIfTI-1 .nii.gz bytes, reproducible: fixed header fields, gzip mtime 0, no file name."""
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_xyzt_units("mm")
-    img.header["descrip"] = b"lckd_kit phantom (synthetic)"
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
-
-
-def case_file_names(name: str, label_style: str = "brats2018") -> dict[str, str]:
-    """File name per modality + "seg" in the layout of ``label_style``.
-
-    brats2018: ``<name>_flair.nii.gz``...; brats2023: ``<name>-t2f.nii.gz``, -t1n, -t1c, -t2w, -seg.
-    """
-    _check_style(label_style)
-    style = LABEL_STYLES[label_style]
-    return {k: f"{name}{style['sep']}{v}.nii.gz" for k, v in style["suffix"].items()}
-
-
-def _convert_labels(label: np.ndarray, src: str, dst: str) -> np.ndarray:
-    if src == dst:
-        return label
-    out = label.copy()
-    out[label == LABEL_STYLES[src]["labels"][2]] = LABEL_STYLES[dst]["labels"][2]
-    return out
-
-
-def write_case(case: dict, out_dir: str | os.PathLike, name: str, label_style: str | None = None) -> Path:
-    """Write ``case`` as ``<out_dir>/<name>/`` in the BraTS layout, atomically; return the case folder.
-
-    ``label_style`` None keeps the case's own convention; "brats2018" writes
-    ``<name>_{flair,t1,t1ce,t2,seg}.nii.gz`` with labels {0,1,2,4}; "brats2023" writes
-    ``<name>-{t2f,t1n,t1c,t2w,seg}.nii.gz`` with labels {0,1,2,3} (labels converted if needed).
-    The files are assembled in a temporary folder that replaces ``<out_dir>/<name>`` in one rename,
-    so an interrupted run never leaves a half-written case. Same case -> byte-identical files.
-    """
-    src_style = case.get("label_style", "brats2018")
-    label_style = label_style or src_style
-    names = case_file_names(name, label_style)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a case folder should be an ordinary folder
-        affine = np.asarray(case["affine"], dtype=np.float64)
-        for m, mod in enumerate(MODALITIES):
-            (tmp / names[mod]).write_bytes(_nifti_gz_bytes(np.ascontiguousarray(case["image"][m], np.int16), affine))
-        label = _convert_labels(np.asarray(case["label"], np.uint8), src_style, label_style)
-        (tmp / names["seg"]).write_bytes(_nifti_gz_bytes(label, affine))
-        old = None
-        if final.exists():
-            old = out_dir / f".{name}.old.{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
 def case_seed(seed: int, index: int) -> int:
     """Seed of case ``index`` in a set made with ``seed``: independent streams via SeedSequence."""
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
-
-
-MANIFEST = "phantom_manifest.json"
-
-
-def _case_complete(folder: Path, name: str, label_style: str) -> bool:
-    return all((folder / name / f).is_file() for f in case_file_names(name, label_style).values())
 
 
 def generate(out_dir: str | os.PathLike, n: int, seed: int = 0, grid: int = 96, difficulty: str = "standard",
@@ -600,7 +521,7 @@ def generate(out_dir: str | os.PathLike, n: int, seed: int = 0, grid: int = 96, 
     """
     from tqdm.auto import tqdm
 
-    _check_style(label_style)
+    check_label_style(label_style)
     cues = check_cues(cues)
     if geometry not in GEOMETRIES:
         raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
@@ -629,7 +550,7 @@ def generate(out_dir: str | os.PathLike, n: int, seed: int = 0, grid: int = 96, 
     done: dict[str, dict] = {}
     for i, name in enumerate(tqdm(names, desc="phantoms", unit="case", disable=not progress)):
         s = case_seed(seed, i)
-        if same and name in old.get("cases", {}) and _case_complete(out_dir, name, label_style):
+        if same and name in old.get("cases", {}) and case_complete(out_dir, name, label_style):
             done[name] = old["cases"][name]
         else:
             case = make_case(s, grid=grid, difficulty=difficulty, no_et_fraction=no_et_fraction,
@@ -641,11 +562,6 @@ def generate(out_dir: str | os.PathLike, n: int, seed: int = 0, grid: int = 96, 
         # rewrite after every case so an interrupted run keeps what it finished
         manifest_path.write_text(json.dumps(dict(params=params, cases=done), indent=1) + "\n")
     return paths
-
-
-def cues_tag(cues: float) -> str:
-    """Folder-name tag of a ``cues`` value: 1.0 -> ``"c1"``, 0.5 -> ``"c0.5"``, 2 -> ``"c2"``."""
-    return f"c{check_cues(cues):g}"
 
 
 def ensure_phantoms(n: int, seed: int = 0, grid: int = 96, cache_dir: str | os.PathLike | None = None,

@@ -10,13 +10,18 @@ core is right now and uses only the free ones:
     n, message = set_threads("auto")     # e.g. (1, "1 torch thread: 1 of 2 cores free")
 
 The ``lckd-kit`` commands do this by default (``--threads auto``; ``--threads N`` fixes it).
+Also here: :func:`resolve_device`, :func:`format_seconds`, and the malloc setting the CLI applies to
+its own process (:func:`retain_freed_memory`).
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import time
 
-__all__ = ["allowed_cores", "free_cores", "parse_threads", "set_threads", "resolve_device", "format_seconds"]
+__all__ = ["allowed_cores", "free_cores", "parse_threads", "set_threads", "resolve_device", "format_seconds",
+           "retain_freed_memory", "user_tuned_malloc"]
 
 
 def allowed_cores() -> list[int]:
@@ -113,3 +118,36 @@ def resolve_device(device=None):
 def format_seconds(seconds: float) -> str:
     """A duration for a progress line or a report: ``"42 s"``, or ``"3.5 min"`` from 90 s on."""
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+# --------------------------------------------------------------------------------------------
+# memory: what the CLI does for its own process
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
+
+
+def retain_freed_memory() -> bool:
+    """Let this process reuse the memory it frees instead of handing it back to the OS (glibc only;
+    returns False, changing nothing, elsewhere).
+
+    glibc serves every allocation above its mmap threshold (adaptive, at most 32 MB) with fresh pages
+    from mmap and unmaps them on free, so every large activation (a paper-size stem map is 113 MB)
+    pays page faults and kernel zeroing again, step after step. With mmap and trimming off, freed
+    blocks are reused, which makes the paper config's CPU training step faster (benchmarks/run.py,
+    ``alloc`` section; docs/performance.md). The cost: the process keeps its peak
+    memory (and some fragmentation) until it exits, which is why the library never does this by
+    itself; the CLI does, for its own process. There is no undo: glibc's adaptive defaults cannot
+    be restored once set."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+
+
+def user_tuned_malloc(environ=os.environ) -> bool:
+    """Whether the environment already tunes glibc malloc (then the CLI leaves it alone)."""
+    return any(k.startswith("MALLOC_") for k in environ) or "malloc" in environ.get("GLIBC_TUNABLES", "")

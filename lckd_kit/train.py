@@ -21,7 +21,7 @@ see :mod:`lckd_kit.checkpoint`. Nothing a run writes is lost or silently wrong:
 * temporaries of killed runs are removed at the next start; ``resume=True`` falls back to
   ``last.prev.pt`` when ``last.pt`` is unreadable, and writes a missing ``final.pt``;
 * Ctrl-C / SIGTERM (in the main thread) stop at the next step boundary with a checkpoint, then raise
-  :class:`TrainingInterrupted` (a KeyboardInterrupt); a second one stops at once;
+  :class:`TrainingInterrupted` (a KeyboardInterrupt); a second one stops at once (:mod:`lckd_kit.train_stop`);
 * a non-finite loss stops the run (:class:`TrainingDiverged`) before it reaches the weights, keeping
   a checkpoint of the last finite state.
 
@@ -36,7 +36,6 @@ import dataclasses
 import json
 import math
 import signal
-import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +57,7 @@ from lckd_kit.model import LCKDNet, ModelConfig, config_to_dict
 from lckd_kit.train_config import (TRAIN_CONFIGS, TrainConfig, get_train_config, lr_at,  # noqa: F401
                                     model_config_for, train_config_from_dict, train_config_to_dict,
                                     validate_train_config)
+from lckd_kit.train_stop import StopNow, StopRequest, TrainingDiverged, TrainingInterrupted
 from lckd_kit.transforms import normalize_image
 
 # --------------------------------------------------------------------------------------------
@@ -123,21 +123,6 @@ def check_resume(path: Path, ckpt: dict, config: TrainConfig, model_dict: dict, 
     if differ:
         warnings.warn(f"resuming {path} with changed training settings {differ}: the run will differ "
                       f"from an uninterrupted one", stacklevel=3)
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became non-finite; the weights were not updated with it (the message says where
-    the last finite state was saved)."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on request (Ctrl-C, SIGTERM, a notebook's stop button) after saving
-    ``path`` (None when nothing could be saved) at ``step``. A KeyboardInterrupt, so notebooks and
-    scripts stop as they always did."""
-
-    def __init__(self, message: str, step: int | None = None, path: Path | None = None, signum: int | None = None):
-        super().__init__(message)
-        self.step, self.path, self.signum = step, path, signum
 
 
 def train_step(net, batch: dict, teachers: Sequence[bool], optimizer, scaler, config: TrainConfig,
@@ -319,40 +304,6 @@ def _resume_path(resume, out_dir: Path | None, world, device, notes: list[str]) 
     return path, ckpt
 
 
-class _StopRequest:
-    """SIGINT / SIGTERM while training: the first asks the loop to stop at the next step boundary
-    (where the state is consistent and can be saved), a second stops at once. Handlers can only be
-    installed in the main thread; elsewhere (a training thread) KeyboardInterrupt works as before."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise _StopNow(f"stopped at once by a second {signal.Signals(signum).name}")
-        self.signum = signum
-
-    def install(self) -> "_StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                try:
-                    previous = signal.signal(sig, self._handle)
-                except (ValueError, OSError):
-                    continue
-                self._previous[sig] = signal.SIG_DFL if previous is None else previous
-        return self
-
-    def restore(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous = {}
-
-
-class _StopNow(KeyboardInterrupt):
-    """A second interrupt: stop without saving (the last regular checkpoint stays)."""
-
-
 def _batches(source: StepBatches, config: TrainConfig):
     """Iterate the batches of ``source.steps``, built ahead by DataLoader workers if configured."""
     if config.num_workers == 0:
@@ -501,7 +452,7 @@ def _train(config: TrainConfig, data, out_dir: Path | None, device: torch.device
     if progress and run.main:
         from tqdm.auto import tqdm
         bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    stop = _StopRequest().install()
+    stop = StopRequest().install()
 
     def agree(bad: bool) -> bool:
         """Whether any rank's loss is non-finite; under DDP the stop request is shared too, so
@@ -568,7 +519,7 @@ def _train(config: TrainConfig, data, out_dir: Path | None, device: torch.device
             ckpt_io.previous_path(out_dir / "last.pt").unlink(missing_ok=True)  # finished: final.pt is the fallback
     except TrainingInterrupted:
         raise
-    except _StopNow as e:  # a second interrupt: out at once, the last regular checkpoint stays
+    except StopNow as e:  # a second interrupt: out at once, the last regular checkpoint stays
         last = out_dir / "last.pt" if out_dir is not None and (out_dir / "last.pt").is_file() else None
         raise TrainingInterrupted(str(e), step=run.saved_step, path=last, signum=stop.signum) from None
     except KeyboardInterrupt:

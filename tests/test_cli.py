@@ -8,12 +8,12 @@ import textwrap
 
 import pytest
 
-from lckd_kit import cli
+from lckd_kit import cli, runtime
 
 FAULTS_PER_STEP = textwrap.dedent("""
     import resource, sys
     import torch
-    from lckd_kit.cli import retain_freed_memory
+    from lckd_kit.runtime import retain_freed_memory
     print(retain_freed_memory() if sys.argv[1] == "on" else "default")
     torch.set_num_threads(1)
     net = torch.nn.Sequential(torch.nn.Conv3d(1, 16, 3, padding=1), torch.nn.GroupNorm(16, 16), torch.nn.ReLU(),
@@ -32,7 +32,7 @@ FAULTS_PER_STEP = textwrap.dedent("""
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
 def test_retained_memory_removes_the_page_faults_of_a_training_step():
     def faults(mode):
-        env = {k: v for k, v in os.environ.items() if not cli.user_tuned_malloc({k: v})}
+        env = {k: v for k, v in os.environ.items() if not runtime.user_tuned_malloc({k: v})}
         out = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, mode], capture_output=True, text=True,
                              check=True, env=env).stdout.split()
         return out[0], int(out[1])
@@ -53,7 +53,7 @@ def test_main_tunes_the_process_only_when_run_as_a_program(monkeypatch, tmp_path
     assert cli.main(args, tune_process=True) == 0 and calls == [True]
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")  # the user's own setting wins
     assert cli.main(args, tune_process=True) == 0 and calls == [True]
-    assert cli.user_tuned_malloc({"MALLOC_ARENA_MAX": "2"}) and not cli.user_tuned_malloc({"HOME": "/"})
+    assert runtime.user_tuned_malloc({"MALLOC_ARENA_MAX": "2"}) and not runtime.user_tuned_malloc({"HOME": "/"})
 
 
 # ---------------------------------------------------------------------------------- flags and names

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from lckd_kit import REGIONS, SUBSETS, calibration, cli, compare as cmp, stats
+from lckd_kit import REGIONS, SUBSETS, calibration, cli, compare as cmp, compare_report as cmp_report, stats
 from lckd_kit.evaluate import EvalResult
 from lckd_kit.train import TRAIN_CONFIGS
 
@@ -152,7 +152,7 @@ def test_region_fusion_is_set_against_the_published_rfnet_table():
     assert np.isclose(pub.spearman, expected.spearman) and np.isclose(pub.mae, expected.mae)
     assert np.allclose(pub.reference, calibration.published_table("RFNet"))
     assert res.published_comparison("hemis") is None  # no published HeMIS table is bundled
-    md = cmp.ranking_table(res)
+    md = cmp_report.ranking_table(res)
     assert re.search(r"\| region fusion \| [0-9.]+ \| RFNet \| 0\.731 \| 2 \|", md)
     assert "| mmFormer |" in md
 
@@ -176,7 +176,7 @@ def test_figure_helpers():
 def test_what_the_numbers_show_never_overclaims():
     res = fake_results(methods=("lckd", "nokd"), n_seeds=1, n_cases=3)
     res.dice["nokd"] = res.dice["lckd"] + np.random.default_rng(1).normal(0, 0.02, res.dice["lckd"].shape)
-    text = " ".join(cmp.what_the_numbers_show(res))
+    text = " ".join(cmp_report.what_the_numbers_show(res))
     assert "significant" not in text.lower()
     assert "one seed says nothing about seed-to-seed variation" in text
 
@@ -265,7 +265,7 @@ def test_the_methods_page_states_what_the_committed_comparison_says():
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
     res = cmp.load_results()
-    assert cmp.summary_markdown(res) in page and cmp.differences_markdown(res) in page
-    assert cmp.ranking_table(res) in page
-    assert all(line in page for line in cmp.what_the_numbers_show(res))
+    assert cmp_report.summary_markdown(res) in page and cmp_report.differences_markdown(res) in page
+    assert cmp_report.ranking_table(res) in page
+    assert all(line in page for line in cmp_report.what_the_numbers_show(res))
     assert len(res.seeds) >= 3 and res.methods == list(cmp.DEFAULT_METHODS)

@@ -34,9 +34,9 @@ def test_the_check_finds_a_private_import(tmp_path):
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
 def test_modules_stay_readable(path):
-    # the figures and the widgets are long lists of small independent functions; the rest of the
-    # package aims at about 600 lines a module, and this guards against regrowth past 750
-    limit = 1700 if path.name in ("viz.py", "widgets.py") else 750
+    # the figures and the widgets are long lists of small independent functions; every other module
+    # holds one concern in about 600 lines (a little slack, so a fix is not blocked by a line count)
+    limit = 1700 if path.name in ("viz.py", "widgets.py") else 620
     assert len(path.read_text().splitlines()) <= limit
 
 
