@@ -9,7 +9,8 @@
     workshop_prep()               cache what the notebooks need (a generator of progress lines)
 
 Data. Training + validation cases are ``phantom.ensure_phantoms(24, seed=0)`` -- the set the
-notebooks use -- split by ``batches.split_cases``. The held-out test cases are another phantom set,
+notebooks use -- split by ``batches.split_cases`` (the shipped checkpoint trains on the sets
+of :data:`SHIPPED_DATA` instead). The held-out test cases are another phantom set,
 ``PhantomTest_000...`` made with seed 1000; every case seed is an independent SeedSequence
 stream, and :func:`heldout_phantoms` checks that no test seed occurs in the training set.
 
@@ -47,11 +48,16 @@ TRAIN_SEED, DEMO_N_CASES = 0, 24
 TEST_SEED, DEMO_N_TEST, TEST_PREFIX = 1000, 6, "PhantomTest"
 #: the grid of all demo phantoms: 96^3 voxels of 2 mm
 DEMO_GRID = 96
-#: the shipped checkpoint's schedule: small2d trained 5x longer than the demo (checkpoints/README.md)
 #: The shipped checkpoint's schedule: small2d with 5x the steps, and the "scanner" augmentation
 #: (bias fields on top of the reference's) so that the model transfers better to real scans
-#: (checkpoints/README.md). lckd_kit.calibration measures phantoms with the same recipe.
+#: (checkpoints/README.md). lckd_kit.calibration measures phantoms with the same schedule.
 SHIPPED_TRAIN_OVERRIDES = dict(stage1_steps=1500, stage2_steps=1500, elect_every=500, augment="scanner")
+#: ... and its data: DEMO_N_CASES phantoms per cue level, version 2's (cues 0: a tumour barely
+#: darker than brain on T1ce) and the calibrated ones (cues 1), with BraTS 2018's share of low-grade
+#: gliomas (75 of its 285 training cases) instead of the generator's 0.15. Trained on one cue level,
+#: the model learns our phantoms' exact contrasts, finds a real tumour from FLAIR and T2 only, and
+#: misses a non-enhancing core whenever T1ce is given (docs/phantoms.md, "Transfer to a real scan").
+SHIPPED_DATA = dict(cues=(0.0, 1.0), no_et_fraction=0.26)
 
 _MAKE_CHECKPOINT_HINT = ("make it with `python -c \"from lckd_kit.experiment import train_shipped_checkpoint; "
                          "train_shipped_checkpoint()\"` (minutes on a 2-core CPU), or run the full experiment "
@@ -80,6 +86,26 @@ def heldout_phantoms(n: int = DEMO_N_TEST, seed: int = TEST_SEED, grid: int = DE
         if shared:
             raise RuntimeError(f"test and training phantoms share case seeds {sorted(shared)}: choose another seed")
     return folder
+
+
+def shipped_training_sets(n_cases: int = DEMO_N_CASES, grid: int = DEMO_GRID,
+                          cache_dir: str | os.PathLike | None = None, progress: bool = True) -> list[Path]:
+    """The phantom sets the shipped checkpoint trains on (:data:`SHIPPED_DATA`), one folder per cue
+    level in that order, generated on first use; their cases are ``PhantomCues0_...`` and
+    ``PhantomBraTS_...`` so that names stay unique across the sets."""
+    from lckd_kit.phantom import ensure_phantoms
+
+    return [ensure_phantoms(n_cases, seed=TRAIN_SEED, grid=grid, cache_dir=cache_dir, progress=progress, cues=cues,
+                            no_et_fraction=SHIPPED_DATA["no_et_fraction"],
+                            prefix="PhantomBraTS" if cues == 1 else f"PhantomCues{cues:g}")
+            for cues in SHIPPED_DATA["cues"]]
+
+
+def case_folders(sets: Sequence[Path]) -> list[str]:
+    """Every case folder of the given phantom sets, set by set, in name order (a training list)."""
+    from lckd_kit.phantom import MANIFEST
+
+    return [str(s / name) for s in sets for name in sorted(json.loads((s / MANIFEST).read_text())["cases"])]
 
 
 def _case_seeds(folder: Path) -> set[int]:
@@ -322,7 +348,7 @@ def train_shipped_checkpoint(
     """Train the weights shipped as ``checkpoints/lckd_small_phantom.pt`` -- from a fixed seed.
 
     ``config`` LCKD (default small2d with :data:`SHIPPED_TRAIN_OVERRIDES` when ``train_overrides`` is
-    None) on ``ensure_phantoms(n_cases, seed=0)``; the slim checkpoint holds the model state_dict,
+    None) on :func:`shipped_training_sets` (``n_cases`` per cue level); the slim checkpoint holds the model state_dict,
     the train + model config, teachers, elections and the training history (no optimizer), loads
     with ``checkpoint.load_model`` and is written atomically. Then it is evaluated on the held-out
     phantoms: ``<stem>_eval.json`` and ``README.md`` (command, wall time, machine, 15-subset table)
@@ -330,7 +356,6 @@ def train_shipped_checkpoint(
 
     Returns the checkpoint path.
     """
-    from lckd_kit.phantom import ensure_phantoms
     from lckd_kit.train import get_train_config, train, train_config_to_dict
     from lckd_kit.model import config_to_dict
     from lckd_kit.viz import markdown_subset_table
@@ -347,8 +372,8 @@ def train_shipped_checkpoint(
     if train_overrides is None and config == "small2d":
         train_overrides = SHIPPED_TRAIN_OVERRIDES
     cfg = get_train_config(config, **{**(train_overrides or {}), "seed": seed, "no_kd": False})
-    train_dir = ensure_phantoms(n_cases, seed=TRAIN_SEED, grid=grid, cache_dir=cache_dir, progress=progress)
-    result = train(cfg, train_dir, out_dir=None, device=device, progress=progress)
+    sets = shipped_training_sets(n_cases, grid=grid, cache_dir=cache_dir, progress=progress)
+    result = train(cfg, case_folders(sets), out_dir=None, device=device, progress=progress)
     train_s = time.perf_counter() - t0
     shown = out.resolve().relative_to(root) if root is not None and out.resolve().is_relative_to(root) else out
     command = _call_string(out=str(shown), seed=seed, config=config if isinstance(config, str) else "custom",
@@ -358,11 +383,12 @@ def train_shipped_checkpoint(
         step=result.step, teachers=list(result.teachers), elections=[e.to_record() for e in result.elections],
         split=result.split, history=result.history,
         made_by={"command": command, "function": "lckd_kit.experiment.train_shipped_checkpoint", "seed": seed,
-                 "data": {"n_cases": n_cases, "seed": TRAIN_SEED, "grid": grid}, "wall_time_s": round(train_s, 1),
+                 "data": {"n_cases": n_cases * len(sets), "seed": TRAIN_SEED, "grid": grid, **SHIPPED_DATA},
+                 "wall_time_s": round(train_s, 1),
                  "torch": str(torch.__version__), "date": time.strftime("%Y-%m-%d")})
     ckpt_io.save(ckpt, out)
 
-    test_dir = heldout_phantoms(n_test, grid=grid, cache_dir=cache_dir, progress=progress, train_dir=train_dir)
+    test_dir = heldout_phantoms(n_test, grid=grid, cache_dir=cache_dir, progress=progress, train_dir=sets[-1])
     ev = evaluate(result.model, load_eval_cases(test_dir), device=device, progress=progress)
     ev.meta.update(checkpoint=out.name)
     ev.to_json(out.with_name(out.stem + "_eval.json"))
@@ -374,7 +400,9 @@ def train_shipped_checkpoint(
     readme = "\n".join([
         "# Shipped checkpoint", "",
         f"`{out.name}` ({out.stat().st_size / 1e6:.1f} MB): LCKD, train config `{name}`, "
-        f"seed {seed}, {result.step} steps on {n_cases} phantom cases (seed {TRAIN_SEED}, {grid}³). "
+        f"seed {seed}, {result.step} steps on {n_cases * len(sets)} phantom cases (seed {TRAIN_SEED}, {grid}³): "
+        f"{n_cases} per cue level {', '.join(f'{c:g}' for c in SHIPPED_DATA['cues'])}, a share of "
+        f"{SHIPPED_DATA['no_et_fraction']:g} low-grade-like cases (`experiment.SHIPPED_DATA`). "
         f"Final teachers: {teachers}. A slim checkpoint (weights, configs, elections, history; no optimizer): "
         "load it with `lckd_kit.checkpoint.load_model(path)`.", "",
         "Made by:", "", "```", command, "```", "",

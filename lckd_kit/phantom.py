@@ -566,16 +566,19 @@ def generate(out_dir: str | os.PathLike, n: int, seed: int = 0, grid: int = 96, 
 
 def ensure_phantoms(n: int, seed: int = 0, grid: int = 96, cache_dir: str | os.PathLike | None = None,
                     difficulty: str = "standard", progress: bool = True, cues: float = 1.0,
-                    geometry: str = "mni") -> Path:
+                    geometry: str = "mni", no_et_fraction: float = 0.15, prefix: str = "PhantomBraTS") -> Path:
     """Folder with ``n`` phantom cases of these parameters, generated on first use (~1 s/case).
 
-    The folder name encodes the parameters (``phantoms_v3_g96_standard_c1_s0_n20``), so different
+    The folder name encodes the parameters (``phantoms_v3_g96_standard_c1_s0_n20``; a non-default
+    ``no_et_fraction`` adds ``_lgg0.26``, a non-default ``prefix`` adds itself), so different
     requests never mix; :func:`generate`'s manifest makes repeated calls nearly free.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     g = "x".join(str(s) for s in normalise_shape(grid)) if not isinstance(grid, int) else str(grid)
     if geometry == "brats":
         g = "brats"
-    folder = root / f"phantoms_v{GENERATOR_VERSION}_g{g}_{difficulty}_{cues_tag(cues)}_s{seed}_n{n}"
-    generate(folder, n, seed=seed, grid=grid, difficulty=difficulty, progress=progress, cues=cues, geometry=geometry)
+    extra = (f"_lgg{no_et_fraction:g}" if no_et_fraction != 0.15 else "") + (f"_{prefix}" if prefix != "PhantomBraTS" else "")
+    folder = root / f"phantoms_v{GENERATOR_VERSION}_g{g}_{difficulty}_{cues_tag(cues)}_s{seed}_n{n}{extra}"
+    generate(folder, n, seed=seed, grid=grid, difficulty=difficulty, progress=progress, cues=cues, geometry=geometry,
+             no_et_fraction=no_et_fraction, prefix=prefix)
     return folder
