@@ -12,6 +12,7 @@ Usage::
     python benchmarks/calibration.py                       # the shipped recipe: 1500 + 1500 steps
     python benchmarks/calibration.py --steps 600           # the demo's recipe: 300 + 300 steps
     python benchmarks/calibration.py --cues 0              # the previous generator's contrasts
+    python benchmarks/calibration.py --checkpoint shipped  # no training: the shipped checkpoint's table
     python benchmarks/calibration.py --json out.json       # also write the numbers
 
 It uses one CPU thread unless told otherwise (``--threads``): the machine it was calibrated on
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=None, help="phantom cache (default: the kit's)")
     parser.add_argument("--json", type=Path, default=None, help="write the numbers to this JSON file")
     parser.add_argument("--save-model", type=Path, default=None, help="save the trained model's state_dict here")
+    parser.add_argument("--checkpoint", default=None,
+                        help="calibrate this trained checkpoint instead of training ('shipped': the kit's own)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
@@ -51,11 +54,25 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    res = calibration.calibrate(steps=args.steps, cues=args.cues, seed=args.seed, cache_dir=args.cache_dir,
-                                device=args.device, progress=not args.quiet)
+    if args.checkpoint:
+        from lckd_kit.checkpoint import load_model
+        from lckd_kit.paths import shipped_checkpoint
+
+        path = shipped_checkpoint() if args.checkpoint == "shipped" else Path(args.checkpoint)
+        model, ckpt = load_model(path, args.device)
+        steps = ckpt.get("step", "?")
+        res = calibration.calibrate_model(model, cues=args.cues, cache_dir=args.cache_dir, device=args.device,
+                                          progress=not args.quiet, elections=ckpt.get("elections", ()),
+                                          params=dict(checkpoint=path.name, steps=steps),
+                                          label=f"{path.name} ({steps} steps)")
+        what = f"{path.name} on the held-out phantoms of cues {args.cues:g}"
+    else:
+        res = calibration.calibrate(steps=args.steps, cues=args.cues, seed=args.seed, cache_dir=args.cache_dir,
+                                    device=args.device, progress=not args.quiet)
+        what = f"Phantom model (cues {args.cues:g}, {args.steps} steps, seed {args.seed})"
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
                f"torch {torch.__version__}, Python {platform.python_version()}")
-    print(f"\n## Phantom model (cues {args.cues:g}, {args.steps} steps, seed {args.seed}) vs real BraTS 2018\n")
+    print(f"\n## {what} vs real BraTS 2018\n")
     print(res.markdown())
     print("\nElections: " + "; ".join(f"step {e['step']}: " + ", ".join(f"{r}->{m}" for r, m in e["winners"].items())
                                       for e in res.elections))

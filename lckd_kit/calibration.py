@@ -266,17 +266,37 @@ def calibrate(steps: int = 3000, cues: float = 1.0, seed: int = 0, n_train: int 
     cfg = get_train_config("small2d", **{**train_overrides, "seed": seed})
     train_dir = phantom.ensure_phantoms(n_train, seed=0, grid=grid, cache_dir=cache_dir, cues=cues, progress=progress)
     result = train(cfg, train_dir, out_dir=None, device=device, progress=progress)
-    test_dir = heldout_phantoms(n_test, grid=grid, cache_dir=cache_dir, progress=progress, train_dir=train_dir,
-                                cues=cues)
-    ev = evaluate(result.model, load_eval_cases(test_dir), device=device,
-                  crop_foreground=True, hd95=False)
-    table = ev.dice_table()
-    label = f"phantom model (cues {cues:g}, {cfg.total_steps} steps)"
-    main = compare(table, reference, name=label)
-    others = {m: compare(table, m, name=label) for m in published_methods() if m != reference}
-    elections = [dict(step=e.step, winners={r: MODALITIES[i] for r, i in e.winners.items()},
-                      teachers=e.teacher_names, scores=np.round(e.scores, 4).tolist()) for e in result.elections]
     params = dict(steps=cfg.total_steps, cues=float(cues), seed=seed, n_train=n_train, n_test=n_test, grid=grid,
                   train_overrides=dict(train_overrides), generator_version=phantom.GENERATOR_VERSION)
+    out = calibrate_model(result.model, cues=cues, n_test=n_test, grid=grid, cache_dir=cache_dir, device=device,
+                          progress=progress, reference=reference, elections=result.elections, params=params,
+                          label=f"phantom model (cues {cues:g}, {cfg.total_steps} steps)", train_dir=train_dir)
+    out.wall_s = time.perf_counter() - t0
+    return out
+
+
+def calibrate_model(model, cues: float = 1.0, n_test: int = 6, grid: int = 96,
+                    cache_dir: str | os.PathLike | None = None, device="cpu", progress: bool = True,
+                    reference: str = "mmFormer", elections=(), params: dict | None = None,
+                    label: str = "phantom model", train_dir: str | os.PathLike | None = None) -> CalibrationResult:
+    """The calibration of a model already trained (the shipped checkpoint, say): its 15-subset table
+    on the held-out phantoms of ``cues`` (brain bounding box, no HD95) against the published tables.
+    ``elections``: the training's :class:`~lckd_kit.election.ElectionResult` list or their records
+    (e.g. a checkpoint's ``"elections"``); ``train_dir``: checked for shared case seeds."""
+    from lckd_kit import phantom
+    from lckd_kit.evaluate import evaluate
+    from lckd_kit.experiment import heldout_phantoms, load_eval_cases
+
+    t0 = time.perf_counter()
+    test_dir = heldout_phantoms(n_test, grid=grid, cache_dir=cache_dir, progress=progress, train_dir=train_dir,
+                                cues=cues)
+    ev = evaluate(model, load_eval_cases(test_dir), device=device, crop_foreground=True, hd95=False)
+    table = ev.dice_table()
+    main = compare(table, reference, name=label)
+    others = {m: compare(table, m, name=label) for m in published_methods() if m != reference}
+    records = [e.to_record() if hasattr(e, "to_record") else dict(e) for e in elections]
+    elections = [dict(step=e["step"], winners=dict(e["winners"]), teachers=e["teachers"],
+                      scores=np.round(np.asarray(e["scores"]), 4).tolist()) for e in records]
+    params = dict(params or {}, cues=float(cues), n_test=n_test, grid=grid, generator_version=phantom.GENERATOR_VERSION)
     return CalibrationResult(table, main, others, elections, params, time.perf_counter() - t0,
-                             per_case=ev.per_case("dice"), cases=ev.cases, model=result.model)
+                             per_case=ev.per_case("dice"), cases=ev.cases, model=model)

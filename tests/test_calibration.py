@@ -101,3 +101,18 @@ def test_calibration_measures_phantoms_with_the_shipped_recipe():
     assert calibration.RECIPES[3000] == SHIPPED_TRAIN_OVERRIDES
     assert SHIPPED_TRAIN_OVERRIDES["augment"] == "scanner"
     assert calibration.RECIPES[600]["stage1_steps"] + calibration.RECIPES[600]["stage2_steps"] == 600
+
+
+def test_calibrate_trains_evaluates_and_reports_elections():
+    # a toy run through the whole path: train on phantoms, score the held-out set, compare, elect
+    res = calibration.calibrate(cues=1.0, n_train=4, n_test=2, grid=32, progress=False,
+                                train_overrides=dict(stage1_steps=4, stage2_steps=4, elect_every=4, batch_size=1))
+    assert res.table.shape == (15, 3) and np.isfinite(res.table).all() and ((0 <= res.table) & (res.table <= 1)).all()
+    assert res.per_case.shape == (2, 15, 3) and len(res.cases) == 2
+    assert res.comparison.spearman == pytest.approx(calibration.compare(res.table).spearman)
+    assert res.params["steps"] == 8 and res.params["cues"] == 1.0 and res.wall_s > 0
+    assert res.elections and set(res.final_winners) == {"ET", "TC", "WT"}
+    assert all(m in ("flair", "t1", "t1ce", "t2") for m in res.final_winners.values())
+    again = calibration.calibrate_model(res.model, cues=1.0, n_test=2, grid=32, progress=False,
+                                        elections=res.elections)
+    assert np.allclose(again.table, res.table) and again.final_winners == res.final_winners
