@@ -9,7 +9,7 @@ teachers and the all-modality Dice (``lckd_kit.calibration``; ``docs/phantoms.md
 
 Usage::
 
-    python benchmarks/calibration.py                       # the shipped recipe: 1500 + 1500 steps
+    python benchmarks/calibration.py                       # the shipped schedule: 1500 + 1500 steps
     python benchmarks/calibration.py --steps 600           # the demo's recipe: 300 + 300 steps
     python benchmarks/calibration.py --cues 0              # the previous generator's contrasts
     python benchmarks/calibration.py --checkpoint shipped  # no training: the shipped checkpoint's table

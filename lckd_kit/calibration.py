@@ -10,7 +10,7 @@ a model a different table. This module measures that:
     ref = published_table("mmFormer")                 # (15, 3) fractions, SUBSETS x REGIONS
     cmp = compare(my_table, ref)                      # per-cell differences, Spearman, MAE, summary
     print(cmp.markdown())
-    res = calibrate(steps=600, cues=1.0)              # train the shipped recipe on phantoms, compare
+    res = calibrate(steps=600, cues=1.0)              # train the demo schedule on phantoms, compare
     print(res.markdown())
 
 Tables are ``(15, 3)`` arrays of Dice in [0, 1]: rows in :data:`lckd_kit.SUBSETS` order, columns
@@ -186,9 +186,9 @@ def side_by_side_markdown(tables: Mapping[str, np.ndarray], diff: tuple[str, str
 
 
 # --------------------------------------------------------------------------------------------
-# measuring a phantom set: train the shipped recipe, evaluate on held-out phantoms, compare
+# measuring a phantom set: train the shipped schedule, evaluate on held-out phantoms, compare
 # --------------------------------------------------------------------------------------------
-#: step count -> train config overrides of small2d: 3000 is the shipped checkpoint's recipe,
+#: step count -> train config overrides of small2d: 3000 is the shipped checkpoint's schedule,
 #: 600 the demo's (small2d's own schedule)
 RECIPES: dict[int, dict] = {
     3000: dict(stage1_steps=1500, stage2_steps=1500, elect_every=500, augment="scanner"),
