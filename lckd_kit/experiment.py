@@ -56,7 +56,7 @@ SHIPPED_TRAIN_OVERRIDES = dict(stage1_steps=1500, stage2_steps=1500, elect_every
 #: darker than brain on T1ce) and the calibrated ones (cues 1), with BraTS 2018's share of low-grade
 #: gliomas (75 of its 285 training cases) instead of the generator's 0.15. Trained on one cue level,
 #: the model learns our phantoms' exact contrasts, finds a real tumour from FLAIR and T2 only, and
-#: misses a non-enhancing core whenever T1ce is given (docs/phantoms.md, "Transfer to a real scan").
+#: misses a non-enhancing core whenever T1ce is given (docs/phantoms.md, "The shipped model").
 SHIPPED_DATA = dict(cues=(0.0, 1.0), no_et_fraction=0.26)
 
 _MAKE_CHECKPOINT_HINT = ("make it with `python -c \"from lckd_kit.experiment import train_shipped_checkpoint; "
