@@ -101,18 +101,20 @@ def shipped_training_sets(n_cases: int = DEMO_N_CASES, grid: int = DEMO_GRID,
             for cues in SHIPPED_DATA["cues"]]
 
 
-def case_folders(sets: Sequence[Path]) -> list[str]:
-    """Every case folder of the given phantom sets, set by set, in name order (a training list)."""
+def _manifest_cases(folder: Path) -> dict[str, dict]:
+    """Case name -> its manifest entry (seed, ...) of a folder written by ``phantom.generate``."""
     from lckd_kit.phantom import MANIFEST
 
-    return [str(s / name) for s in sets for name in sorted(json.loads((s / MANIFEST).read_text())["cases"])]
+    return json.loads((Path(folder) / MANIFEST).read_text())["cases"]
+
+
+def case_folders(sets: Sequence[Path]) -> list[str]:
+    """Every case folder of the given phantom sets, set by set, in name order (a training list)."""
+    return [str(Path(s) / name) for s in sets for name in sorted(_manifest_cases(s))]
 
 
 def _case_seeds(folder: Path) -> set[int]:
-    from lckd_kit.phantom import MANIFEST
-
-    manifest = json.loads((folder / MANIFEST).read_text())
-    return {int(c["seed"]) for c in manifest["cases"].values()}
+    return {int(c["seed"]) for c in _manifest_cases(folder).values()}
 
 
 def load_eval_cases(folder: str | os.PathLike) -> list[dict]:
