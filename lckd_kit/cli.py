@@ -247,11 +247,13 @@ def cmd_train(args) -> int:
 def cmd_elect(args) -> int:
     from lckd_kit.checkpoint import load_model
     from lckd_kit.data import load_cases
-    from lckd_kit.election import elect_teachers
+    from lckd_kit.election import elect_teachers, scoring_case
+    from lckd_kit.inference import model_config
 
     device = _device(args.device)
     model, _ = load_model(args.checkpoint, device)
-    cases = load_cases(args.data, labelled=True, normalize=True, convention=args.convention, limit=args.max_cases)
+    cases = [scoring_case(c, model_config(model))
+             for c in load_cases(args.data, labelled=True, convention=args.convention, limit=args.max_cases)]
     result = elect_teachers(model, cases, device=device, metric=args.metric, progress=True)
     print(result)
     return 0
@@ -291,7 +293,7 @@ def cmd_evaluate(args) -> int:
                           f"({_names(c.name for c in seen)}): their scores overstate the model")
     kept = kept[:args.max_cases]
     print(f"scoring {len(kept)} case(s) of {args.data}: {_names(c.name for c in kept)}{note}")
-    loaded = load_cases(kept, labelled=True, normalize=True)
+    loaded = load_cases(kept, labelled=True)  # raw: evaluate resamples to the model's grid, then normalises
     result = evaluate(model, loaded, device=device, postprocess=args.postprocess, progress=True)
     _check_out_folder(out)
     files = result.save(out)

@@ -119,6 +119,19 @@ def winners_from_scores(scores: np.ndarray) -> tuple[dict[str, int], tuple[bool,
     return winners, teachers
 
 
+def scoring_case(case, model_config) -> dict:
+    """A whole case as :func:`elect_teachers` scores it: resampled to the model's voxel size
+    (``model_config.spacing``, regions too), then normalised there as in training -- the order every
+    other path takes (``inference.model_input``). ``case``: anything ``data.as_case`` reads (raw
+    intensities). Returns ``{"name", "image" (4, *grid), "label" (3, *grid)}``."""
+    from lckd_kit.batches import at_spacing
+    from lckd_kit.data import as_case
+    from lckd_kit.transforms import normalize_image
+
+    d = at_spacing(as_case(case), model_config.spacing)
+    return {"name": d["name"], "image": normalize_image(d["image"], model_config.normalization), "label": d["label"]}
+
+
 def elect_teachers(
     model: torch.nn.Module,
     cases: Sequence[dict],
@@ -140,7 +153,7 @@ def elect_teachers(
     Args:
         model: an ``LCKDNet``; temporarily switched to ``eval()``, its mode is restored afterwards.
         cases: dicts with a normalised ``"image"`` ``(4, X, Y, Z)`` and a ``"label"`` ``(3, X, Y, Z)``
-            (ET, TC, WT), e.g. ``data.as_case(case, normalize=True)``.
+            (ET, TC, WT) on the model's grid: :func:`scoring_case` makes them from any case.
         roi_size, overlap, sw_batch_size, average, amp, crop_foreground: passed to
             :func:`predict_subsets` (the reference's election averaged logits: ``average="logits"``).
         metric: ``"hard"`` (thresholded Dice, empty-vs-empty = 1; default) or ``"soft"`` (reference).

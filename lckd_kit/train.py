@@ -47,18 +47,17 @@ import torch
 from lckd_kit import ALL_PRESENT, MODALITIES, REGIONS, as_mask
 from lckd_kit import checkpoint as ckpt_io
 from lckd_kit import distributed as dist_utils
-from lckd_kit.batches import StepBatches, at_spacing, case_name, split_cases, training_cases
-from lckd_kit.data import as_case, case_spacing
+from lckd_kit.batches import StepBatches, case_name, split_cases, training_cases
+from lckd_kit.data import case_spacing
 from lckd_kit.distill import distillation_loss, feature_probe, segmentation_loss
-from lckd_kit.election import ElectionResult, elect_teachers
+from lckd_kit.election import ElectionResult, elect_teachers, scoring_case
 from lckd_kit.inference import predict_subsets
 from lckd_kit.metrics import hard_dice
-from lckd_kit.model import LCKDNet, ModelConfig, config_to_dict
+from lckd_kit.model import LCKDNet, config_to_dict
 from lckd_kit.train_config import (TRAIN_CONFIGS, TrainConfig, get_train_config, lr_at,  # noqa: F401
                                     model_config_for, train_config_from_dict, train_config_to_dict,
                                     validate_train_config)
 from lckd_kit.train_stop import StopNow, StopRequest, TrainingDiverged, TrainingInterrupted
-from lckd_kit.transforms import normalize_image
 
 # --------------------------------------------------------------------------------------------
 # validation
@@ -401,7 +400,7 @@ def _train(config: TrainConfig, data, out_dir: Path | None, device: torch.device
                          rank=world.rank, world_size=world.world_size)
     # election / validation: each rank loads and scores only its shard; the sums are reduced
     own = lambda idx: dist_utils.shard(idx[:config.elect_max_cases], world.rank, world.world_size)  # noqa: E731
-    scored = lambda idx: [_scoring_case(cases[i], model_cfg) for i in own(idx)]  # noqa: E731
+    scored = lambda idx: [scoring_case(cases[i], model_cfg) for i in own(idx)]  # noqa: E731
     elect_cases = scored(val_idx if config.elect_on == "val" else train_idx)
     val_cases = elect_cases if config.elect_on == "val" else scored(val_idx)
 
@@ -569,13 +568,6 @@ def split_for(cases: list, config: TrainConfig) -> tuple[list[int], list[int]]:
         n_val = config.n_val if config.n_val is not None else int(round(config.val_fraction * n))
         rest, val = split_cases(n, n_val, config.seed)
     return (list(range(n)) if config.validation == "within" else rest), val
-
-
-def _scoring_case(case, model_cfg: ModelConfig) -> dict:
-    """A whole-volume case for election / validation, at the model's voxel size: name, normalised
-    image, regions."""
-    d = at_spacing(as_case(case), model_cfg.spacing)
-    return {"name": d["name"], "image": normalize_image(d["image"], model_cfg.normalization), "label": d["label"]}
 
 
 def _step_record(window: list[dict], done: int, config: TrainConfig, lr: float, batch: dict, run: _Run) -> dict:

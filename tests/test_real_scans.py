@@ -84,6 +84,22 @@ def test_evaluate_and_explorer_agree_on_a_brats_size_case(brats_case, shipped):
     assert [dice[r] for r in REGIONS] == pytest.approx(table[1].tolist(), abs=1e-6)
 
 
+def test_elect_scores_a_brats_size_case_at_the_models_voxel_size(brats_case, shipped, capsys):
+    # `lckd-kit elect` resamples to the model's 2 mm and normalises there (as training and predict
+    # do); its single-modality Dice must then match the evaluation's view on the case's own grid,
+    # which a model run on the 1 mm voxels it never saw does not
+    assert cli.main(["elect", "--data", str(brats_case), "--checkpoint", str(shipped_checkpoint()),
+                     "--device", "cpu"]) == 0
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.split()[:1] in (["flair"], ["t1"], ["t1ce"], ["t2"])]
+    printed = np.array([[float(v.rstrip("*")) for v in r[1:4]] for r in rows])
+    singles = [tuple(j == m for j in range(4)) for m in range(4)]
+    pred = predict_volume(shipped, as_case(brats_case), singles)
+    truth = torch.as_tensor(as_case(brats_case)["label"]).bool()
+    own_grid = np.array([[hard_dice(pred[m][r] > 0.5, truth[r]).item() for r in range(3)] for m in range(4)])
+    assert printed.shape == (4, 3)
+    np.testing.assert_allclose(printed, own_grid, atol=0.03)
+
+
 def test_model_grid_probabilities_are_at_the_models_voxel_size(brats_case, shipped):
     case = as_case(brats_case)
     out = predict_volume(shipped, case, [ALL_PRESENT])
