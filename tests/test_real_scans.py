@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lckd_kit import ALL_PRESENT, REGIONS, SUBSETS, cli, phantom
+from lckd_kit import ALL_PRESENT, MODALITIES, REGIONS, SUBSETS, cli, phantom
 from lckd_kit.checkpoint import load_model
 from lckd_kit.data import as_case, find_cases, load_case
 from lckd_kit.evaluate import evaluate
@@ -90,8 +90,9 @@ def test_elect_scores_a_brats_size_case_at_the_models_voxel_size(brats_case, shi
     # which a model run on the 1 mm voxels it never saw does not
     assert cli.main(["elect", "--data", str(brats_case), "--checkpoint", str(shipped_checkpoint()),
                      "--device", "cpu"]) == 0
-    rows = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.split()[:1] in (["flair"], ["t1"], ["t1ce"], ["t2"])]
-    printed = np.array([[float(v.rstrip("*")) for v in r[1:4]] for r in rows])
+    rows = {ln.split()[0]: ln.split()[1:4] for ln in capsys.readouterr().out.splitlines()
+            if ln.split()[:1] and ln.split()[0] in MODALITIES}  # "  flair   0.123  0.456* 0.789"
+    printed = np.array([[float(v.rstrip("*")) for v in rows[m]] for m in MODALITIES])
     singles = [tuple(j == m for j in range(4)) for m in range(4)]
     pred = predict_volume(shipped, as_case(brats_case), singles)
     truth = torch.as_tensor(as_case(brats_case)["label"]).bool()
