@@ -100,12 +100,13 @@ def test_elect_scores_a_brats_size_case_at_the_models_voxel_size(brats_case, shi
     # two grids' Dice differ by more than the tolerance, so this needs the 1 mm case.)
     assert cli.main(["elect", "--data", str(brats_case), "--checkpoint", str(shipped_checkpoint()),
                      "--device", "cpu"]) == 0
-    rows = {ln.split()[0]: ln.split()[1:4] for ln in capsys.readouterr().out.splitlines()
-            if ln.split()[:1] and ln.split()[0] in MODALITIES}  # "  flair   0.123  0.456* 0.789"
+    words = [ln.split() for ln in capsys.readouterr().out.splitlines()]
+    rows = {w[0]: w[1:4] for w in words if w and w[0] in MODALITIES}  # "  flair   0.123  0.456* 0.789"
     printed = np.array([[float(v.rstrip("*")) for v in rows[m]] for m in MODALITIES])
     singles = [tuple(j == m for j in range(4)) for m in range(4)]
-    pred = predict_volume(shipped, as_case(brats_case), singles)
-    truth = torch.as_tensor(as_case(brats_case)["label"]).bool()
+    case = as_case(brats_case)  # read the 240 x 240 x 155 files once
+    pred = predict_volume(shipped, case, singles)
+    truth = torch.as_tensor(case["label"]).bool()
     own_grid = np.array([[hard_dice(pred[m][r] > 0.5, truth[r]).item() for r in range(3)] for m in range(4)])
     assert printed.shape == (4, 3)
     np.testing.assert_allclose(printed, own_grid, atol=0.03)
