@@ -11,6 +11,7 @@ Usage::
 
     python benchmarks/calibration.py                       # the shipped schedule: 1500 + 1500 steps
     python benchmarks/calibration.py --steps 600           # the demo's recipe: 300 + 300 steps
+    python benchmarks/calibration.py --demo-steps 1200     # the demo's recipe run longer: 600 + 600 steps
     python benchmarks/calibration.py --cues 0              # the previous generator's contrasts
     python benchmarks/calibration.py --checkpoint shipped  # no training: the shipped checkpoint's table
     python benchmarks/calibration.py --json out.json       # also write the numbers
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3000, choices=(3000, 600),
                         help="3000: the shipped checkpoint's recipe; 600: the demo's (default 3000)")
+    parser.add_argument("--demo-steps", type=int, default=None,
+                        help="the demo's recipe run for this many steps, half per stage (overrides --steps)")
     parser.add_argument("--cues", type=float, default=1.0, help="phantom cue strength (default 1.0)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -67,9 +70,11 @@ def main(argv: list[str] | None = None) -> int:
                                           label=f"{path.name} ({steps} steps)")
         what = f"{path.name} on the held-out phantoms of cues {args.cues:g}"
     else:
-        res = calibration.calibrate(steps=args.steps, cues=args.cues, seed=args.seed, cache_dir=args.cache_dir,
-                                    device=args.device, progress=not args.quiet)
-        what = f"Phantom model (cues {args.cues:g}, {args.steps} steps, seed {args.seed})"
+        overrides = calibration.demo_recipe(args.demo_steps) if args.demo_steps else None
+        steps = args.demo_steps or args.steps
+        res = calibration.calibrate(steps=steps, cues=args.cues, seed=args.seed, cache_dir=args.cache_dir,
+                                    device=args.device, progress=not args.quiet, train_overrides=overrides)
+        what = f"Phantom model (cues {args.cues:g}, {steps} steps, seed {args.seed})"
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
                f"torch {torch.__version__}, Python {platform.python_version()}")
     print(f"\n## {what} vs real BraTS 2018\n")

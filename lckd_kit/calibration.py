@@ -196,6 +196,14 @@ RECIPES: dict[int, dict] = {
 }
 
 
+def demo_recipe(steps: int) -> dict:
+    """The demo's recipe (``RECIPES[600]``) run for ``steps`` steps, half in each stage: how many steps
+    a model needs to learn the real table's ordering (``docs/phantoms.md``, the steps curve)."""
+    if steps < 2 or steps % 2:
+        raise ValueError(f"steps must be an even number >= 2 (half per stage), got {steps}")
+    return dict(RECIPES[600], stage1_steps=steps // 2, stage2_steps=steps // 2)
+
+
 @dataclass
 class CalibrationResult:
     """What :func:`calibrate` measured: the phantom model's table, its comparison with the published

@@ -103,6 +103,18 @@ def test_calibration_measures_phantoms_with_the_shipped_recipe():
     assert calibration.RECIPES[600]["stage1_steps"] + calibration.RECIPES[600]["stage2_steps"] == 600
 
 
+def test_demo_recipe_stretches_the_demo_schedule_only_in_steps():
+    # the steps curve of docs/phantoms.md changes the demo's recipe in its length and nothing else
+    assert calibration.demo_recipe(600) == calibration.RECIPES[600]
+    longer = calibration.demo_recipe(1200)
+    assert (longer["stage1_steps"], longer["stage2_steps"]) == (600, 600)
+    assert {k: v for k, v in longer.items() if not k.endswith("_steps")} == \
+        {k: v for k, v in calibration.RECIPES[600].items() if not k.endswith("_steps")}
+    for bad in (0, 901):
+        with pytest.raises(ValueError, match="even"):
+            calibration.demo_recipe(bad)
+
+
 def test_calibrate_trains_evaluates_and_reports_elections():
     # a toy run through the whole path: train on phantoms, score the held-out set, compare, elect
     res = calibration.calibrate(cues=1.0, n_train=4, n_test=2, grid=32, progress=False,
