@@ -70,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
                                           label=f"{path.name} ({steps} steps)")
         what = f"{path.name} on the held-out phantoms of cues {args.cues:g}"
     else:
-        overrides = calibration.demo_recipe(args.demo_steps) if args.demo_steps else None
-        steps = args.demo_steps or args.steps
+        overrides, steps = None, args.steps
+        if args.demo_steps is not None:
+            try:
+                overrides, steps = calibration.demo_recipe(args.demo_steps), args.demo_steps
+            except ValueError as err:
+                parser.error(f"--demo-steps: {err}")
         res = calibration.calibrate(steps=steps, cues=args.cues, seed=args.seed, cache_dir=args.cache_dir,
                                     device=args.device, progress=not args.quiet, train_overrides=overrides)
         what = f"Phantom model (cues {args.cues:g}, {steps} steps, seed {args.seed})"
