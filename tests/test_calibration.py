@@ -78,6 +78,21 @@ def test_compare_identity_permutation_and_shift():
         calibration.compare(np.zeros((4, 3)))
 
 
+def test_within_region_spearman_separates_modalities_from_region_order():
+    ref = calibration.published_table("mmFormer")
+    same = calibration.compare(ref)
+    assert same.spearman_within == pytest.approx(1.0)
+    # the regions' order alone: WT above TC above ET is most of the 45-cell rank correlation
+    assert 0.7 < same.spearman_regions_only < 0.8
+    assert calibration.compare(ref - 0.05).spearman_regions_only == same.spearman_regions_only  # the reference's
+    # each region's 15 values shuffled among the subsets: the regions are right, the modalities wrong
+    rng = np.random.default_rng(0)
+    shuffled = calibration.compare(np.stack([ref[rng.permutation(15), r] for r in range(3)], axis=1))
+    assert shuffled.spearman > 0.6 and shuffled.spearman_within < 0.2
+    # RFNet orders the subsets of each region like mmFormer
+    assert calibration.compare(calibration.published_table("RFNet")).spearman_within > 0.95
+
+
 def test_markdown_side_by_side():
     ref = calibration.published_table("mmFormer")
     table = np.clip(ref + 0.01, 0, 1)
@@ -88,9 +103,11 @@ def test_markdown_side_by_side():
     assert len([ln for ln in lines if ln.startswith("| flair") or ln.startswith("| t1") or ln.startswith("| t2")]) == 45
     assert "| t1ce | ET | 0.760 | 0.694 | 0.770 | +0.010 |" in lines
     assert any(ln.startswith("Spearman over the 45 cells: 1.000; mean absolute difference: 0.010") for ln in lines)
+    assert any(ln.startswith("(For scale: within a region, over its 15 subsets, mean of ET, TC, WT: 1.000; "
+                             "a table that knows only each cell's region: 0.775") for ln in lines)
     assert "| WT from T1 alone | 0.770 | 0.747 | 0.780 |" in lines
     d = cmp.to_dict()
-    assert d["spearman"] == pytest.approx(1.0) and len(d["table"]) == 15
+    assert d["spearman"] == pytest.approx(1.0) and d["spearman_within"] == pytest.approx(1.0) and len(d["table"]) == 15
 
 
 def test_calibration_measures_phantoms_with_the_shipped_recipe():
