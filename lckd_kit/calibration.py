@@ -125,7 +125,8 @@ class Comparison:
     above ET in any sensible table), so two numbers put it in scale: ``spearman_within``, the mean
     over ET, TC and WT of the rank correlation over that region's 15 subsets (what a model learned
     about the modalities), and ``spearman_regions_only``, the 45-cell Spearman that a table knowing
-    only which region a cell is in would score against this reference.
+    only which region a cell is in would score against this reference. A region whose 15 values are
+    all equal (a model that never predicts it) has no rank order: ``spearman_within`` is then NaN.
     """
 
     table: np.ndarray
@@ -212,8 +213,8 @@ RECIPES: dict[int, dict] = {
 
 
 def demo_recipe(steps: int) -> dict:
-    """The demo's recipe (``RECIPES[600]``) run for ``steps`` steps, half in each stage: how many steps
-    a model needs to learn the real table's ordering (``docs/phantoms.md``, the steps curve)."""
+    """The demo's recipe (``RECIPES[600]``) run for ``steps`` steps, half in each stage: what a longer
+    (or shorter) training changes in the table (``docs/phantoms.md``, the steps table)."""
     if steps < 2 or steps % 2:
         raise ValueError(f"steps must be an even number >= 2 (half per stage), got {steps}")
     return dict(RECIPES[600], stage1_steps=steps // 2, stage2_steps=steps // 2)
@@ -247,7 +248,8 @@ class CalibrationResult:
 
     def to_dict(self) -> dict:
         return dict(params=self.params, wall_s=round(self.wall_s, 1), spearman=self.comparison.spearman,
-                    spearman_within=self.comparison.spearman_within, mae=self.comparison.mae, summary=self.comparison.summary, elections=self.elections,
+                    spearman_within=self.comparison.spearman_within, mae=self.comparison.mae,
+                    summary=self.comparison.summary, elections=self.elections,
                     final_winners=self.final_winners, all_modalities=self.all_modalities,
                     table=np.round(self.table, 4).tolist(), cases=list(self.cases),
                     per_case=None if self.per_case is None else np.round(self.per_case, 4).tolist(),
