@@ -121,7 +121,7 @@ def test_calibration_measures_phantoms_with_the_shipped_recipe():
 
 
 def test_demo_recipe_stretches_the_demo_schedule_only_in_steps():
-    # the steps curve of docs/phantoms.md changes the demo's recipe in its length and nothing else
+    # the steps table of docs/phantoms.md changes the demo's recipe in its length and nothing else
     assert calibration.demo_recipe(600) == calibration.RECIPES[600]
     longer = calibration.demo_recipe(1200)
     assert (longer["stage1_steps"], longer["stage2_steps"]) == (600, 600)
