@@ -122,14 +122,16 @@ def winners_from_scores(scores: np.ndarray) -> tuple[dict[str, int], tuple[bool,
 def scoring_case(case, model_config) -> dict:
     """A whole case as :func:`elect_teachers` scores it: resampled to the model's voxel size
     (``model_config.spacing``, regions too), then normalised there as in training -- the order every
-    other path takes (``inference.model_input``). ``case``: anything ``data.as_case`` reads (raw
-    intensities). Returns ``{"name", "image" (4, *grid), "label" (3, *grid)}``."""
+    other path takes (``inference.model_input``). ``case``: anything ``data.as_case`` reads; raw
+    intensities, or a case that says it is ``"normalized"`` (left as it is, as ``model_input`` does).
+    Returns ``{"name", "image" (4, *grid), "label" (3, *grid)}``."""
     from lckd_kit.batches import at_spacing
     from lckd_kit.data import as_case
     from lckd_kit.transforms import normalize_image
 
     d = at_spacing(as_case(case), model_config.spacing)
-    return {"name": d["name"], "image": normalize_image(d["image"], model_config.normalization), "label": d["label"]}
+    image = d["image"] if d["normalized"] else normalize_image(d["image"], model_config.normalization)
+    return {"name": d["name"], "image": image, "label": d["label"]}
 
 
 def elect_teachers(

@@ -225,3 +225,21 @@ def test_crop_foreground_runs_only_on_the_brain_box():
     torch.testing.assert_close(crop[:, :, 3:, :-2], full[:, :, 3:, :-2])
     assert crop[:, :, :3].abs().sum() == 0 and crop[:, :, :, -2:].abs().sum() == 0
     assert predict_subsets(ThresholdModel(), torch.zeros(4, 16, 16, 16), SINGLES, crop_foreground=True).abs().sum() == 0
+
+
+def test_scoring_case_normalises_only_raw_cases():
+    # like inference.model_input: a raw case is normalised as the model was trained; a case that says
+    # it is already normalised (as_case(..., normalize=True)) is taken as it is
+    from lckd_kit.data import as_case
+    from lckd_kit.election import scoring_case
+    from lckd_kit.transforms import normalize_image
+
+    rng = np.random.default_rng(0)
+    image = np.zeros((4, 12, 12, 12), np.float32)
+    image[:, 2:10, 2:10, 2:10] = rng.gamma(2.0, 100.0, (4, 8, 8, 8))
+    raw = {"name": "c", "image": image, "label": np.zeros((3, 12, 12, 12), np.uint8), "spacing": (2.0, 2.0, 2.0)}
+    cfg = SimpleNamespace(spacing=(2.0, 2.0, 2.0), normalization="clip_zscore")
+    np.testing.assert_allclose(scoring_case(raw, cfg)["image"], normalize_image(image, "clip_zscore"), atol=1e-6)
+    np.testing.assert_array_equal(scoring_case({**raw, "normalized": True}, cfg)["image"], image)
+    zscored = as_case(raw, normalize=True)
+    np.testing.assert_array_equal(scoring_case(zscored, cfg)["image"], zscored["image"])
